@@ -1,0 +1,74 @@
+"""Attention masks for plain decoding and for parallel thoughts, as pure functions.
+
+Every mask is a bool tensor, True = the query may attend to the key. Rows are queries, columns are keys.
+These are the readable reference: the fast path in thought_attention.py never builds them, and the tests
+prove the two agree.
+
+Position convention for thoughts (one thought stream per real position i, all streams in parallel):
+    real token x_i                    position i
+    thought step s = 1, 2, ...        position i + s      (<start> is step 1, then the sampled tokens,
+                                                           <end>, then the teacher-forced true tokens)
+So every stream reads exactly like the text "x_0 ... x_i <start> c_1 ... c_L <end> x_{i+1} ..." with
+consecutive positions, and the sliding window (counted in positions, as in Hugging Face's Mistral: a query
+at position p sees keys at positions p - W < q <= p) applies to real and thought keys alike.
+"""
+
+import torch
+from torch import Tensor
+
+
+def causal_mask(n_queries: int, n_keys: int | None = None, window: int | None = None,
+                device=None) -> Tensor:
+    """Causal mask, (n_queries, n_keys); the queries are the last n_queries of the n_keys tokens.
+
+    Query i (at position n_keys - n_queries + i) sees keys j with p - W < j <= p. T=5, W=3:
+        1 . . . .
+        1 1 . . .
+        1 1 1 . .
+        . 1 1 1 .
+        . . 1 1 1
+    With n_keys > n_queries (decoding with a KV cache) the drawing is the bottom rows of the square one.
+    """
+    n_keys = n_queries if n_keys is None else n_keys
+    q = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]   # query positions (Q, 1)
+    k = torch.arange(n_keys, device=device)[None, :]                        # key positions   (1, K)
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
+
+def thought_mask(T: int, step: int, window: int | None = None, device=None) -> Tensor:
+    """Mask for thought step `step` (>= 1) of all T streams at once, over every key computed so far.
+
+    Keys are [T real tokens | step 1 | ... | step], each block T wide; returns (T, T * (step + 1)).
+    Query i is stream i's token at step `step`. T=3, step=2:
+              real   step1  step2
+        s0    1 . .  1 . .  1 . .
+        s1    1 1 .  . 1 .  . 1 .
+        s2    1 1 1  . . 1  . . 1
+    Stream i sees the real prefix x_0..x_i and only its own earlier thought tokens (the diagonal of each
+    thought block). With a window W the query sits at position i + step, so it loses real keys j <= i +
+    step - W and its own thought tokens more than W - 1 steps back. T=4, step=2, W=3:
+              real     step1    step2
+        s0    1 . . .  1 . . .  1 . . .
+        s1    . 1 . .  . 1 . .  . 1 . .
+        s2    . . 1 .  . . 1 .  . . 1 .
+        s3    . . . 1  . . . 1  . . . 1
+    """
+    i = torch.arange(T, device=device)
+    query_pos = (i + step)[:, None]                                         # (T, 1)
+    real = i[None, :] <= i[:, None]                                         # causal over real keys
+    if window is not None:
+        real &= i[None, :] > query_pos - window
+    eye = torch.eye(T, dtype=torch.bool, device=device)
+    blocks = [real]
+    for s in range(1, step + 1):                                            # own token of step s
+        visible = window is None or step - s < window
+        blocks.append(eye if visible else torch.zeros_like(eye))
+    return torch.cat(blocks, dim=1)
+
+
+def thought_positions(T: int, step: int, device=None) -> Tensor:
+    """Position ids of the T stream tokens at thought step `step`: (T,) = [step, 1 + step, ...]."""
+    return torch.arange(T, device=device) + step

@@ -1,0 +1,451 @@
+"""A Mistral (and Llama, which is the same model without a sliding window) in plain PyTorch.
+
+    token embedding -> n_layers x [RMSNorm -> attention (RoPE, grouped-query, causal or sliding window)
+                                   RMSNorm -> SwiGLU MLP] -> RMSNorm -> LM head (tied or untied)
+
+Loads Hugging Face checkpoints (config.json + safetensors + tokenizer.json) without `transformers`.
+Module names copy Hugging Face's leaf names, so a state_dict key is the checkpoint's key minus "model.".
+
+Shapes: B batch, S new tokens, P cached tokens, D model dim, H query heads, K key/value heads,
+E head dim, F MLP dim, V vocabulary.
+
+The seam Quiet-STaR needs: the model never decides where thought tokens go. A caller passes input
+embeddings, explicit position ids, a bool mask (True = may attend) and a cache that owns the attention
+over earlier keys (see KVCache; qstar.py brings its own cache for parallel thoughts).
+"""
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from attention_mask import causal_mask
+
+SUPPORTED_ARCHITECTURES = ("MistralForCausalLM", "LlamaForCausalLM")
+
+
+@dataclass
+class MistralConfig:
+    vocab_size: int = 32000
+    dim: int = 4096                    # hidden_size
+    n_layers: int = 32                 # num_hidden_layers
+    n_heads: int = 32                  # num_attention_heads
+    n_kv_heads: int = 8                # num_key_value_heads: n_heads // n_kv_heads queries share a K/V head
+    head_dim: int = 128                # head_dim (dim // n_heads unless the checkpoint says otherwise)
+    ffn_dim: int = 14336               # intermediate_size
+    norm_eps: float = 1e-5             # rms_norm_eps
+    rope_theta: float = 10000.0        # rope_theta
+    sliding_window: int | None = 4096  # sliding_window; None = plain causal (Llama)
+    tie_embeddings: bool = False       # tie_word_embeddings: the LM head reuses the embedding matrix
+    attention_bias: bool = False       # attention_bias (Llama option; Mistral has none)
+    mlp_bias: bool = False             # mlp_bias (Llama option)
+    architecture: str = "MistralForCausalLM"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    max_position_embeddings: int = 32768
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "MistralConfig":
+        """Map a Hugging Face config.json (dict) onto our names; the one place that knows both."""
+        arch = (hf.get("architectures") or ["?"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {arch!r}: this model.py implements {', '.join(SUPPORTED_ARCHITECTURES)} "
+                "(Quiet-STaR needs a decoder whose attention it can re-route; other families differ in norms, "
+                "biases or position encodings and would load silently wrong)")
+        # transformers >= 5 writes RoPE settings as rope_parameters = {rope_theta, rope_type, ...}
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type")) not in (None, "default"):
+            raise ValueError(f"RoPE scaling {rope} is not supported: only plain RoPE (rope_type 'default')")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported: Mistral/Llama use 'silu'")
+        n_heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, ffn_dim=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=hf.get("rope_theta") or rope.get("rope_theta") or 10000.0,
+            sliding_window=hf.get("sliding_window") if arch == "MistralForCausalLM" else None,
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
+            architecture=arch, bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+            max_position_embeddings=hf.get("max_position_embeddings", 32768))
+
+    def to_hf(self) -> dict:
+        """The inverse of from_hf: a config.json that transformers reads back into the same model."""
+        hf = {
+            "architectures": [self.architecture],
+            "model_type": "mistral" if self.architecture == "MistralForCausalLM" else "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim, "intermediate_size": self.ffn_dim, "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta, "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "max_position_embeddings": self.max_position_embeddings, "torch_dtype": "float32",
+        }
+        if self.architecture == "MistralForCausalLM":
+            hf["sliding_window"] = self.sliding_window
+        else:
+            hf |= {"attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias}
+        return hf
+
+
+# ---- building blocks -------------------------------------------------------------------------------
+
+def upcast(x: Tensor) -> Tensor:
+    """bf16/fp16 -> fp32 for sums and exponentials; fp32 and fp64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in fp32 (bf16 sums of squares lose precision), then scale in the input dtype, as HF does
+        x_normed = F.rms_norm(upcast(x), (x.shape[-1],), eps=self.eps).type_as(x)
+        return self.weight * x_normed
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Rotary tables for explicit positions (B, S) -> cos, sin (B, 1, S, E), in fp32 (as HF), or fp64."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim)
+    angles = positions.to(dtype)[..., None] * inv_freq                      # (B, S, E/2)
+    angles = torch.cat([angles, angles], dim=-1)                           # (B, S, E): rotate-half layout
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, S, E) in the rotate-half layout that HF checkpoints are stored in (no q/k permute)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).type_as(x)   # in fp32 even for bf16
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, window: int | None = None) -> Tensor:
+    """Softmax attention with grouped K/V: q (B, H, S, E), k/v (B, K, P+S, E) -> (B, H, S, E).
+
+    mask: bool, True = may attend, broadcastable to (B, H, S, P+S). None = causal (the S queries are the
+    last S of the P+S keys) with the sliding window. SDPA picks a fused kernel (flash on CPU and GPU: no
+    S x S matrix is kept) and, with enable_gqa, reads each K/V head for its H // K queries without copies."""
+    S, n_keys = q.shape[2], k.shape[2]
+    is_causal = mask is None and S == n_keys and (window is None or window >= S)
+    if mask is None and not is_causal:
+        mask = causal_mask(S, n_keys, window, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MistralConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend_fn) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, S, D) -> (out (B, S, D), k (B, K, S, E), v (B, K, S, E)); the new k, v go to the cache.
+
+        attend_fn(q, k, v) -> (B, H, S, E) decides which keys each query sees (mask and cache)."""
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, S, E)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, S, E)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, S, E)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend_fn(q, k, v)                                                        # (B, H, S, E)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1)), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: MistralConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))           # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MistralConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend_fn) -> tuple[Tensor, Tensor, Tensor]:
+        """A pure function of its inputs (the cache is only read through attend_fn), so it can be
+        recomputed by activation checkpointing."""
+        attn_out, k, v = self.self_attn(self.input_layernorm(x), cos, sin, attend_fn)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+# ---- caches: who attends to what --------------------------------------------------------------------
+
+class KVCache:
+    """Keys and values of earlier tokens, per layer, grown with torch.cat (kept in the autograd graph).
+
+    attention(layer, mask) returns the function a layer uses to attend over [cached | new] keys. It
+    captures the cached tensors as they are now, so a checkpointed layer recomputes the same thing after
+    later passes have appended more. With no mask it is causal (with the sliding window)."""
+
+    def __init__(self, n_layers: int, window: int | None = None):
+        self.window = window
+        self.keys: list[Tensor | None] = [None] * n_layers
+        self.values: list[Tensor | None] = [None] * n_layers
+
+    def __len__(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def attention(self, layer: int, mask: Tensor | None = None):
+        past_k, past_v = self.keys[layer], self.values[layer]
+
+        def attend_fn(q, k, v):
+            if past_k is not None:
+                k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, K, P+S, E)
+            return attend(q, k, v, mask, window=self.window)
+        return attend_fn
+
+    def append(self, layer: int, k: Tensor, v: Tensor):
+        if self.keys[layer] is not None:
+            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+
+
+# ---- the model ------------------------------------------------------------------------------------
+
+class Mistral(nn.Module):
+    def __init__(self, cfg: MistralConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.activation_checkpointing = False  # recompute each layer in backward: less memory, ~1/3 more time
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Token ids (B, S) -> input embeddings (B, S, D)."""
+        return self.embed_tokens(tokens)
+
+    def hidden(self, embeds: Tensor, positions: Tensor | None = None, mask: Tensor | None = None,
+               cache=None) -> Tensor:
+        """Input embeddings (B, S, D) -> hidden states after the final norm (B, S, D): the LM head's input.
+
+        positions: (B, S) or (S,) position ids; default: after the cached tokens.
+        mask: bool (S, P+S) or (B, 1, S, P+S), True = may attend; default: causal with the sliding window.
+        cache: a KVCache (or anything with .attention(layer, mask) -> attend_fn and .append(layer, k, v));
+               it decides how the new queries see earlier keys and receives this call's keys and values."""
+        B, S, _ = embeds.shape
+        if positions is None:
+            past = len(cache) if cache is not None else 0
+            positions = torch.arange(past, past + S, device=embeds.device)
+        positions = positions.expand(B, S) if positions.dim() == 1 else positions
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
+                                torch.promote_types(embeds.dtype, torch.float32))
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            if cache is not None:
+                attend_fn = cache.attention(i, mask)
+            else:
+                def attend_fn(q, k, v):
+                    return attend(q, k, v, mask, self.config.sliding_window)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x, k, v = checkpoint(layer, x, cos, sin, attend_fn, use_reentrant=False)
+            else:
+                x, k, v = layer(x, cos, sin, attend_fn)
+            if cache is not None:
+                cache.append(i, k, v)
+        return self.norm(x)
+
+    def forward(self, tokens: Tensor | None = None, *, embeds: Tensor | None = None,
+                positions: Tensor | None = None, mask: Tensor | None = None, cache=None) -> Tensor:
+        """tokens (B, S) or embeds (B, S, D) -> logits (B, S, V). See hidden() for the keyword arguments."""
+        if (tokens is None) == (embeds is None):
+            raise ValueError("pass exactly one of tokens (B, S) ids or embeds (B, S, D)")
+        if embeds is None:
+            embeds = self.embed(tokens)
+        return self.lm_head(self.hidden(embeds, positions, mask, cache))
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.n_layers, self.config.sliding_window)
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ---- generation ------------------------------------------------------------------------------------
+
+def sample_next(logits: Tensor, temperature: float, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """logits (B, V) -> token ids (B,): greedy when temperature == 0, else softmax(logits / T) sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model: Mistral, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int | None = None, seed: int | None = None, stop_at_eos: bool = True) -> str:
+    """Continue `prompt` with a KV cache: the prompt in one pass, then one token per pass. Returns only the
+    continuation. temperature 0 = greedy."""
+    ids = encode(tokenizer, prompt)
+    device = model.embed_tokens.weight.device
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    tokens = torch.tensor([ids], device=device)                            # (1, S)
+    cache, new = model.new_cache(), []
+    eos = model.config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) if stop_at_eos and eos is not None else set()
+    for _ in range(max_new_tokens):
+        logits = model(tokens, cache=cache)[:, -1]                         # (1, V)
+        tokens = sample_next(logits, temperature, top_k, generator)[:, None]
+        if tokens.item() in eos:
+            break
+        new.append(tokens.item())
+    return tokenizer.decode(new)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` with the tokenizer's own special-token rules (BOS where it adds one)."""
+    return tokenizer.encode(text).ids
+
+
+# ---- loading and saving Hugging Face checkpoints --------------------------------------------------
+
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "tokenizer_config.json", "generation_config.json"]
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A local folder, a short name of an embedded default (see gguf_import.py), or a Hub id."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is a file; pass the model folder that holds config.json "
+                                    "(for a .gguf file, convert it first: python gguf_import.py FILE.gguf OUT_DIR)")
+        return path
+    from gguf_import import DEFAULT_MODELS, ensure_default_model
+    if str(name_or_path) in DEFAULT_MODELS:
+        return ensure_default_model(str(name_or_path))
+    looks_like_hub_id = str(name_or_path).count("/") == 1 and not str(name_or_path).startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise FileNotFoundError(
+            f"model folder {str(path)!r} does not exist. Pass a folder with config.json, *.safetensors and "
+            f"tokenizer.json, a Hub id like 'mistralai/Mistral-7B-v0.1', or one of the built-in names "
+            f"{sorted(DEFAULT_MODELS)}")
+    return download_from_hub(str(name_or_path))
+
+
+def download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, unknown repo, gated model: all end here with the way out
+        raise RuntimeError(
+            f"could not download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Without "
+            f"network access, download it elsewhere (huggingface-cli download {repo_id} --local-dir DIR) "
+            "and pass the local folder instead: load_pretrained('DIR')") from None
+
+
+def safetensor_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir} "
+                            "(only safetensors checkpoints are read; convert .bin/.pth files first)")
+
+
+def read_state_dict(model_dir: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+    state = {}
+    for file in safetensor_files(model_dir):
+        try:
+            shard = load_file(file)
+        except Exception as e:
+            raise ValueError(f"cannot read {file}: {e}. The file is truncated or corrupt; download or "
+                             "convert it again") from None
+        state |= {k.removeprefix("model."): v for k, v in shard.items()}
+    return state
+
+
+def load_pretrained(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu"):
+    """Load (model, tokenizer) from a Hugging Face folder, a Hub id or a built-in short name.
+
+    The tokenizer is a `tokenizers.Tokenizer` read from tokenizer.json."""
+    from tokenizers import Tokenizer
+    model_dir = resolve_model_dir(name_or_path)
+    config_file = model_dir / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{model_dir} has no config.json: it is not a Hugging Face model folder")
+    cfg = MistralConfig.from_hf(json.loads(config_file.read_text()))
+    with torch.device("meta"):
+        model = Mistral(cfg)                           # shapes only, no memory
+    state = read_state_dict(model_dir)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)              # some tied checkpoints store the copy too
+    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint in {model_dir} does not match its config.json: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    for key, tensor in model.state_dict().items():
+        if key in state and state[key].shape != tensor.shape:
+            raise ValueError(f"{key} has shape {tuple(state[key].shape)} in the checkpoint but "
+                             f"{tuple(tensor.shape)} from config.json")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    tokenizer_file = model_dir / "tokenizer.json"
+    if not tokenizer_file.exists():
+        raise FileNotFoundError(f"{model_dir} has no tokenizer.json (the fast-tokenizer file read by the "
+                                "`tokenizers` library)")
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    if tokenizer.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer.json has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens but the model's "
+            f"embedding has only {cfg.vocab_size} rows: the tokenizer belongs to a different model")
+    return model.eval(), tokenizer
+
+
+def save_pretrained(model: Mistral, tokenizer, out_dir: str | Path):
+    """Write config.json, model.safetensors and tokenizer.json in the Hugging Face layout (readable by
+    transformers and by load_pretrained). Not atomic by itself: train.py writes into a fresh folder."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {f"model.{k}" if not k.startswith("lm_head") else k: v.detach().contiguous()
+             for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        del state["lm_head.weight"]
+    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
+    tokenizer.save(str(out_dir / "tokenizer.json"))
