@@ -87,7 +87,7 @@ class MistralConfig:
             "head_dim": self.head_dim, "intermediate_size": self.ffn_dim, "rms_norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta, "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu",
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
-            "max_position_embeddings": self.max_position_embeddings, "torch_dtype": "float32",
+            "max_position_embeddings": self.max_position_embeddings,
         }
         if self.architecture == "MistralForCausalLM":
             hf["sliding_window"] = self.sliding_window
@@ -436,16 +436,18 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype = torch.float32
     return model.eval(), tokenizer
 
 
-def save_pretrained(model: Mistral, tokenizer, out_dir: str | Path):
+def save_pretrained(model: Mistral, tokenizer, out_dir: str | Path, state_dict: dict | None = None):
     """Write config.json, model.safetensors and tokenizer.json in the Hugging Face layout (readable by
-    transformers and by load_pretrained). Not atomic by itself: train.py writes into a fresh folder."""
+    transformers and by load_pretrained). state_dict: what to write instead of model.state_dict() (LoRA
+    merges its adapters first). Not atomic by itself: train.py writes into a fresh folder."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {f"model.{k}" if not k.startswith("lm_head") else k: v.detach().contiguous()
-             for k, v in model.state_dict().items()}
+             for k, v in (state_dict or model.state_dict()).items()}
     if model.config.tie_embeddings:
-        del state["lm_head.weight"]
+        state.pop("lm_head.weight", None)
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
+    hf_config = model.config.to_hf() | {"torch_dtype": str(state["model.norm.weight"].dtype).removeprefix("torch.")}
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     tokenizer.save(str(out_dir / "tokenizer.json"))

@@ -88,11 +88,11 @@ def mix(h_base: Tensor, h_thought: Tensor, weight: Tensor) -> Tensor:
     return h_base + weight * (h_thought - h_base)
 
 
-def sample_from_logits(logits: Tensor) -> Tensor:
+def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One draw from softmax(logits) per row: (.., V) -> (..). Inverse-CDF sampling: one uniform number
     per row instead of torch.multinomial's V exponential ones (the slowest op of a thought pass)."""
     cdf = (logits - logits.amax(dim=-1, keepdim=True)).exp().cumsum(dim=-1)        # (.., V), increasing
-    u = torch.rand(*logits.shape[:-1], 1, device=logits.device) * cdf[..., -1:]
+    u = torch.rand(*logits.shape[:-1], 1, device=logits.device, generator=generator) * cdf[..., -1:]
     return torch.searchsorted(cdf, u, right=True)[..., 0].clamp(max=logits.shape[-1] - 1)
 
 
@@ -286,38 +286,51 @@ class QuietStar(nn.Module):
         _, cache = self._base_pass(tokens)
         return self._think(tokens, cache, 1)[0]
 
+    def _end_hidden(self, tokens: Tensor, thought_ids: Tensor | None):
+        """One thought per position, up to <end>: -> h_base, h_end (B, T, D) and the thought ids (B, T, L)."""
+        h_base, cache = self._base_pass(tokens)
+        ids, _ = self._think(tokens, cache, 1, thought_ids)
+        _, end = self.marker_embeddings()
+        return h_base, self._pass(end.expand(*tokens.shape, -1), self.config.thought_len + 2, cache), ids
+
     def thought_logits(self, tokens: Tensor, thought_ids: Tensor) -> Tensor:
         """tokens (B, T), thought_ids (B, T, L) -> LM-head logits (B, T, V) of the hidden state at <end>
         (before mixing): what each position predicts for x_{i+1} right after its own thought."""
         if thought_ids.shape != (*tokens.shape, self.config.thought_len):
             raise ValueError(f"thought_ids must be (B, T, thought_len) = {(*tokens.shape, self.config.thought_len)}, "
                              f"got {tuple(thought_ids.shape)}")
-        _, cache = self._base_pass(tokens)
-        self._think(tokens, cache, 1, thought_ids)
-        _, end = self.marker_embeddings()
-        h_end = self._pass(end.expand(*tokens.shape, -1), self.config.thought_len + 2, cache)
-        return self.model.lm_head(h_end)
+        return self.model.lm_head(self._end_hidden(tokens, thought_ids)[1])
+
+    @torch.no_grad()
+    def predict(self, tokens: Tensor, thought_ids: Tensor | None = None) -> dict[str, Tensor]:
+        """What every position i predicts for x_{i+1}, without and with a thought (one sampled per position).
+
+        -> h_base, h_mixed (B, T, D): LM-head inputs (apply self.model.lm_head for logits);
+           mix_weight (B, T); thought_ids (B, T, L)."""
+        h_base, h_end, ids = self._end_hidden(tokens, thought_ids)
+        weight = self.mixing_head(h_base, h_end)
+        return {"h_base": h_base, "h_mixed": mix(h_base, h_end, weight), "mix_weight": weight[..., 0],
+                "thought_ids": ids}
 
     @torch.no_grad()
     def token_scores(self, tokens: Tensor, thought_ids: Tensor | None = None) -> dict[str, Tensor]:
-        """Per-token view of one thought per position, for evaluation and the thoughts page.
-
-        -> nll_base (B, T-1) and nll_thought (B, T-1): NLL of x_{i+1} without / after the thought at i;
-           mix_weight (B, T-1); thought_ids (B, T, L)."""
-        h_base, cache = self._base_pass(tokens)
-        logp_base, _, _ = self._head_logp(h_base[:, :-1], tokens[:, 1:], 1.0)
-        ids, _ = self._think(tokens, cache, 1, thought_ids)
-        (logp, weight), = self._talk(tokens, h_base, cache, 1, n_true=1)
-        return {"nll_base": -logp_base, "nll_thought": -logp, "mix_weight": weight, "thought_ids": ids}
+        """Per-token view, for evaluation and the thoughts page: nll_base and nll_thought (B, T-1), the NLL
+        of x_{i+1} without / after the thought at i; mix_weight (B, T-1); thought_ids (B, T, L)."""
+        p = self.predict(tokens, thought_ids)
+        targets = tokens[:, 1:, None]
+        nll = {name: -self.model.lm_head(p[h][:, :-1]).float().log_softmax(-1).gather(-1, targets)[..., 0]
+               for name, h in (("nll_base", "h_base"), ("nll_thought", "h_mixed"))}
+        return nll | {"mix_weight": p["mix_weight"][:, :-1], "thought_ids": p["thought_ids"]}
 
     # ---- saving and loading ---------------------------------------------------------------------------
 
-    def save_pretrained(self, out_dir: str | Path, tokenizer):
+    def save_pretrained(self, out_dir: str | Path, tokenizer, model_state: dict | None = None):
         """The base model in the Hugging Face layout plus quietstar.safetensors (markers, mixing head)
-        and quietstar.json (this config) beside it."""
+        and quietstar.json (this config) beside it. model_state: the base weights to write, if not
+        self.model.state_dict() (LoRA: merged)."""
         from safetensors.torch import save_file
         out_dir = Path(out_dir)
-        save_pretrained(self.model, tokenizer, out_dir)
+        save_pretrained(self.model, tokenizer, out_dir, model_state)
         parts = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("model.")}
         save_file(parts, out_dir / QUIETSTAR_WEIGHTS, metadata={"format": "pt"})
         (out_dir / QUIETSTAR_CONFIG).write_text(json.dumps(asdict(self.config), indent=2))

@@ -1,0 +1,130 @@
+"""Training and evaluation text: a built-in generator of arithmetic word problems, local files, the Hub.
+
+The default text has to come from the project itself (third-party datasets cannot be committed), and it
+should contain tokens that thinking can help with. Worked arithmetic word problems do: the digits of each
+result are hard to predict without computing, and the question and the worked steps before them hold
+everything a thought needs.
+
+    Q: Maya has 23 marbles. She buys 4 bags with 6 marbles each. How many marbles does she have now?
+    A: 4 * 6 = 24. 23 + 24 = 47. The answer is 47.
+"""
+
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+
+NAMES = ["Maya", "Tom", "Aisha", "Luis", "Priya", "Ben", "Chen", "Sara", "Omar", "Lena", "Kofi", "Ivy"]
+THINGS = ["marbles", "apples", "stickers", "books", "coins", "pencils", "cookies", "stamps", "shells", "cards"]
+
+
+def arithmetic_problem(rng: random.Random) -> str:
+    """One worked word problem with one to three steps of +, - and *."""
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    kind = rng.randrange(4)
+    a, b, c = rng.randint(11, 89), rng.randint(2, 9), rng.randint(2, 12)
+    if kind == 0:
+        d = rng.randint(11, 89)
+        return (f"Q: {name} has {a} {thing} and finds {d} more. How many {thing} does {name} have?\n"
+                f"A: {a} + {d} = {a + d}. The answer is {a + d}.\n")
+    if kind == 1:
+        d = rng.randint(2, a - 1)
+        return (f"Q: {name} has {a} {thing} and gives away {d}. How many {thing} are left?\n"
+                f"A: {a} - {d} = {a - d}. The answer is {a - d}.\n")
+    if kind == 2:
+        return (f"Q: {name} buys {b} bags with {c} {thing} each. How many {thing} is that?\n"
+                f"A: {b} * {c} = {b * c}. The answer is {b * c}.\n")
+    total = a + b * c
+    d = rng.randint(2, total - 1)
+    return (f"Q: {name} has {a} {thing}, buys {b} bags with {c} {thing} each, then gives away {d}. "
+            f"How many {thing} does {name} have now?\n"
+            f"A: {b} * {c} = {b * c}. {a} + {b * c} = {total}. {total} - {d} = {total - d}. "
+            f"The answer is {total - d}.\n")
+
+
+def arithmetic_texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [arithmetic_problem(rng) for _ in range(n)]
+
+
+def gsm8k_text(row: dict) -> str:
+    """A GSM8K row as "Q: ...\\nA: <worked answer>\\n", calculator annotations <<a*b=c>> removed."""
+    answer = re.sub(r"<<[^>]*>>", "", row["answer"]).replace("####", "The answer is")
+    return f"Q: {row['question']}\nA: {answer}\n"
+
+
+def read_texts(spec: str, limit: int | None = None) -> list[str]:
+    """Documents from `spec`: "arithmetic", a .txt file (blank-line separated), a .jsonl file (a "text"
+    field, or GSM8K's question/answer), or a Hub dataset name (needs the `datasets` library)."""
+    if spec == "arithmetic":
+        return arithmetic_texts(limit or 4000, seed=0)
+    path = Path(spec).expanduser()
+    if path.suffix == ".txt" and path.exists():
+        docs = [d.strip() for d in path.read_text().split("\n\n") if d.strip()]
+    elif path.suffix == ".jsonl" and path.exists():
+        docs = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "text" in row:
+                docs.append(row["text"])
+            elif {"question", "answer"} <= row.keys():
+                docs.append(gsm8k_text(row))
+            else:
+                raise ValueError(f"{path}:{number}: a row needs a 'text' field (or GSM8K's 'question' and "
+                                 f"'answer'); it has {sorted(row)}")
+            if limit and len(docs) >= limit:
+                break
+    elif path.suffix in (".txt", ".jsonl") or spec.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"data file {spec!r} does not exist")
+    else:
+        docs = read_hub_dataset(spec, limit or 2000)
+    if not docs:
+        raise ValueError(f"no documents in {spec!r}")
+    return docs[:limit] if limit else docs
+
+
+def read_hub_dataset(name: str, limit: int) -> list[str]:
+    """The first `limit` documents of a Hub dataset's train split, streamed (open-web-math in the paper)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{name!r} is not a local .txt/.jsonl file or 'arithmetic'; reading it as a Hub "
+                         "dataset needs the `datasets` library: pip install datasets") from None
+    try:
+        stream = datasets.load_dataset(name, split="train", streaming=True)
+        return [row["text"] for row, _ in zip(stream, range(limit))]
+    except Exception as e:
+        raise RuntimeError(f"could not read Hub dataset {name!r} ({type(e).__name__}: {e}). Without network, "
+                           "pass a local .txt or .jsonl file instead, e.g. --data=../shared/data/c4/...") from None
+
+
+class TokenWindows:
+    """Documents tokenized and packed into one stream (separated by EOS), served as fixed windows.
+
+    batch(step) is a pure function of (seed, step): a resumed run sees exactly the same batches."""
+
+    def __init__(self, texts: list[str], tokenizer, seq_len: int, eos_id: int | None, seed: int):
+        ids = []
+        for text in texts:
+            ids.extend(tokenizer.encode(text).ids)
+            if eos_id is not None:
+                ids.append(eos_id)
+        self.tokens = np.array(ids, dtype=np.int64)
+        if len(self.tokens) < seq_len + 1:
+            raise ValueError(f"only {len(self.tokens)} tokens of text; need at least seq_len + 1 = {seq_len + 1}")
+        self.seq_len, self.seed = seq_len, seed
+
+    def batch(self, step: int, batch_size: int) -> np.ndarray:
+        """(batch_size, seq_len) windows starting at random token offsets."""
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=batch_size)
+        return np.stack([self.tokens[s:s + self.seq_len] for s in starts])
+
+    def windows(self, n: int) -> np.ndarray:
+        """The first n non-overlapping windows: a fixed evaluation set. (n, seq_len)"""
+        n = min(n, len(self.tokens) // self.seq_len)
+        return self.tokens[:n * self.seq_len].reshape(n, self.seq_len)
