@@ -95,6 +95,10 @@ def answer_scores(qs: QuietStar, tokenizer, task: str, rows: list[dict], batch_s
         for b, ((prompt, _), e) in enumerate(zip(batch, encodings)):
             # the answer tokens: those starting after the prompt and in the allowed set (skips " " and ",")
             scored = [j for j, (s, _) in enumerate(e.offsets) if s >= len(prompt) and e.ids[j] in allowed_index]
+            if not scored:  # nothing to score counts as wrong (the official product stays 1: "correct")
+                for key in results:
+                    results[key].append({"soft": 0.0, "exact": False})
+                continue
             for key, h in (("thoughts", "h_mixed"), ("no_thoughts", "h_base")):
                 logits = qs.model.lm_head(predicted[h][b, [j - 1 for j in scored]]).float()[:, allowed]
                 probs = logits.softmax(dim=-1)                                  # renormalised over allowed

@@ -157,6 +157,12 @@ class QuietStar(nn.Module):
         cache_class = ThoughtCache if self.config.fast_attention else DenseThoughtCache
         return cache_class(self.model.config.n_layers, self.model.config.sliding_window)
 
+    def _embed(self, ids: Tensor) -> Tensor:
+        """Embeddings of thought and teacher-forced tokens, with a sparse gradient: each of the many lookups
+        per step would otherwise write a dense (V, D) gradient (a 113 MB memset per pass for SmolLM2). The
+        base pass's dense lookup keeps the summed gradient dense for the optimizer."""
+        return F.embedding(ids, self.model.embed_tokens.weight, sparse=torch.is_grad_enabled())
+
     def _pass(self, embeds: Tensor, step: int, cache) -> Tensor:
         """Thought step `step` of every stream: embeds (B*M, T, D) at positions i + step -> hidden (B*M, T, D)."""
         T = embeds.shape[1]
@@ -215,7 +221,7 @@ class QuietStar(nn.Module):
                                          sample_temperature=cfg.thought_temperature)
             ids.append(c)
             logp_sum = logp_sum + logp
-            x = self.model.embed(c)
+            x = self._embed(c)
         empty = tokens.new_zeros(BM, T, 0)
         return (torch.stack(ids, dim=-1) if ids else empty), logp_sum
 
@@ -235,7 +241,7 @@ class QuietStar(nn.Module):
             logp, _, weight = self._head_logp(h[:, :T - 1 - u], rows[:, 1 + u:], 1.0, h_base=h_base[:, u:T - 1])
             out.append((logp, weight[..., 0]))
             # next input at position i: the true token x_{i+1+u} (positions past the end get a dummy)
-            x = self.model.embed(F.pad(rows[:, 1 + u:], (0, 1 + u)))
+            x = self._embed(F.pad(rows[:, 1 + u:], (0, 1 + u)))
         return out
 
     def forward(self, tokens: Tensor, loss_mask: Tensor | None = None) -> dict[str, Tensor]:

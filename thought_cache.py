@@ -17,7 +17,7 @@ one extra "summary" key: an extra channel gives query i the score lse_i against 
 summary value carries a 1 in an extra channel, so SDPA returns, per query,
     out[:E] = Z_real / (Z_real + Z_own) * softmax_real @ V_real        out[E] = Z_own / (Z_real + Z_own)
 and the full answer is out[:E] + out[E] * (softmax_own @ V_own). Autograd runs through SDPA as usual.
-The M thoughts share one copy of the real keys: they are folded into the head axis of the query.
+The M thoughts read the real keys of their text, copied once per layer and step (not once per pass).
 """
 
 import torch
@@ -41,7 +41,8 @@ class DenseThoughtCache(KVCache):
 
 
 class ThoughtCache:
-    """Fast path: real keys (B, K, T, E) once, thought keys per step (B*M, K, T, E), no T x T*step mask."""
+    """Fast path: real keys (B, K, T, E) from the base pass, thought keys per step (B*M, K, T, E), no
+    T x T*step mask and no concatenated cache: each pass reads the earlier steps' keys where they are."""
 
     def __init__(self, n_layers: int, window: int | None = None):
         self.window = window
@@ -55,9 +56,11 @@ class ThoughtCache:
         return 0 if self.real_keys[0] is None else self.real_keys[0].shape[2]
 
     def begin_thoughts(self, n_thoughts: int):
+        # (B, K, T, E) -> (B*M, K, 1 + T, E'): one small copy per layer for the whole step (a copy is cheaper
+        # than folding the M thoughts into SDPA's head axis, whose backward slows down with the group size)
         self.n_thoughts = n_thoughts
-        self.real_keys = [with_summary_slot(k) for k in self.real_keys]      # (B, K, 1 + T, E + pad)
-        self.real_values = [with_summary_slot(v) for v in self.real_values]
+        self.real_keys = [with_summary_slot(k).repeat_interleave(n_thoughts, dim=0) for k in self.real_keys]
+        self.real_values = [with_summary_slot(v).repeat_interleave(n_thoughts, dim=0) for v in self.real_values]
 
     def mask(self, step: int) -> None:
         return None  # the fast path needs no mask: it knows the structure
@@ -69,8 +72,7 @@ class ThoughtCache:
         past_k, past_v = tuple(self.thought_keys[layer]), tuple(self.thought_values[layer])
 
         def attend_fn(q, k, v):
-            return thought_attention(q, torch.stack([*past_k, k], dim=3), torch.stack([*past_v, v], dim=3),
-                                     real_k, real_v, self.n_thoughts, self.window)
+            return thought_attention(q, [*past_k, k], [*past_v, v], real_k, real_v, self.n_thoughts, self.window)
         return attend_fn
 
     def append(self, layer: int, k: Tensor, v: Tensor):
@@ -96,35 +98,31 @@ def with_summary_slot(x: Tensor) -> Tensor:
     return out
 
 
-def thought_attention(q: Tensor, own_k: Tensor, own_v: Tensor, real_k: Tensor, real_v: Tensor,
+def thought_attention(q: Tensor, own_k: list[Tensor], own_v: list[Tensor], real_k: Tensor, real_v: Tensor,
                       n_thoughts: int, window: int | None) -> Tensor:
     """Attention of one thought step for all streams: q (B*M, H, T, E) -> (B*M, H, T, E).
 
-    own_k, own_v: (B*M, K, T, step, E), each stream's thought tokens so far (the last one is this step's);
-    real_k, real_v: (B, K, 1 + T, E') from with_summary_slot. Equal to attend() with thought_mask."""
+    own_k, own_v: each stream's thought tokens so far, one (B*M, K, T, E) per step (the last is this step's);
+    real_k, real_v: (B*M, K, 1 + T, E') from with_summary_slot. Equal to attend() with thought_mask."""
     BM, H, T, E = q.shape
-    K, step, M = own_k.shape[1], own_k.shape[3], n_thoughts
-    B, G, scale = BM // M, H // K, E ** -0.5
+    K, step = own_k[0].shape[1], len(own_k)
+    G, scale = H // K, E ** -0.5
 
-    # (b) each stream's own thought tokens: a (T, step) score matrix per head
+    # (b) each stream's own thought tokens: `step` dot products per query, no copy of the cached keys
     q_grouped = q.view(BM, K, G, T, E)
-    own_scores = upcast(torch.einsum("bkgte,bktse->bkgts", q_grouped, own_k)) * scale   # (B*M, K, G, T, step)
+    own_scores = torch.stack([upcast((q_grouped * k[:, :, None]).sum(-1)) for k in own_k], dim=-1) * scale
     if window is not None and step > window:  # the thought token `back` steps ago sits `back` positions back
         back = torch.arange(step - 1, -1, -1, device=q.device)
-        own_scores = own_scores.masked_fill(back >= window, float("-inf"))
-    own_lse = own_scores.logsumexp(dim=-1)                                               # (B*M, K, G, T)
-    own_out = torch.einsum("bkgts,bktse->bkgte", own_scores.softmax(dim=-1).type_as(q), own_v)
+        own_scores = own_scores.masked_fill(back >= window, float("-inf"))    # (B*M, K, G, T, step)
+    own_lse = own_scores.logsumexp(dim=-1)                                    # (B*M, K, G, T)
+    own_probs = own_scores.softmax(dim=-1).type_as(q)
+    own_out = sum(own_probs[..., j, None] * v[:, :, None] for j, v in enumerate(own_v))   # (B*M, K, G, T, E)
 
-    # (a) the real keys, through SDPA, with the summary key standing for (b). Fold the M thoughts into the
-    # head axis (B*M, H) -> (B, K*G*M) so that all of them read the same K/V heads (enable_gqa groups G*M).
-    def fold(x: Tensor) -> Tensor:      # (B*M, K, G, T, ...) -> (B, K*G*M, T, ...)
-        x = x.view(B, M, K, G, *x.shape[3:]).movedim(1, 3)
-        return x.reshape(B, K * G * M, *x.shape[4:])
-
-    q_aug = q.new_zeros(B, K * G * M, 1 + T, real_k.shape[-1])       # row 0: a dummy query (sees the summary)
-    q_aug[:, :, 1:, :E] = fold(q_grouped)
-    q_aug[:, :, 1:, E] = fold(own_lse).type_as(q) / scale           # scale * q_aug . summary_key = own_lse
-    # query 1+i sees the summary key 0 and the real keys 1..1+i: plain causal on the (1+T) x (1+T) grid.
+    # (a) the real keys through SDPA, with the summary key standing for (b). Query 1+i sees the summary key 0
+    # and the real keys 1..1+i: plain causal on the (1+T) x (1+T) grid (row 0 is a dummy query).
+    q_aug = torch.cat([q.new_zeros(BM, H, 1, E), q], dim=2)                     # (B*M, H, 1 + T, E)
+    score_channel = F.pad(own_lse.reshape(BM, H, T, 1).type_as(q) / scale, (0, 0, 1, 0))  # scale*q.k_summary = lse
+    q_aug = torch.cat([q_aug, score_channel, q.new_zeros(BM, H, 1 + T, real_k.shape[-1] - E - 1)], dim=-1)
     # A sliding window (in positions; the query sits at i + step) cuts real keys j <= i + step - W.
     real_visible = None
     if window is not None and T - 1 + step >= window:
@@ -132,12 +130,7 @@ def thought_attention(q: Tensor, own_k: Tensor, own_v: Tensor, real_k: Tensor, r
         real_visible = (i[None, :] <= i[:, None]) & ((i[None, :] > i[:, None] + step - window) | (i[None, :] == 0))
     out = F.scaled_dot_product_attention(q_aug, real_k, real_v, attn_mask=real_visible,
                                          is_causal=real_visible is None, scale=scale,
-                                         enable_gqa=True)[:, :, 1:]          # (B, K*G*M, T, E')
-
-    def unfold(x: Tensor) -> Tensor:    # (B, K*G*M, T, ...) -> (B*M, K, G, T, ...)
-        x = x.reshape(B, K, G, M, *x.shape[2:]).movedim(3, 1)
-        return x.reshape(BM, K, G, *x.shape[4:])
-
-    out = unfold(out)                                                     # (B*M, K, G, T, E')
-    merged = out[..., :E] + out[..., E:E + 1] * own_out                  # (B*M, K, G, T, E)
+                                         enable_gqa=H != K)[:, :, 1:]        # (B*M, H, T, E')
+    own_share = out[..., E:E + 1].view(BM, K, G, T, 1)                          # Z_own / (Z_real + Z_own)
+    merged = out[..., :E].view(BM, K, G, T, E) + own_share * own_out
     return merged.reshape(BM, H, T, E)

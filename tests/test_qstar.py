@@ -180,3 +180,14 @@ def test_parallel_thoughts_equal_naive_reference_on_the_real_model(dtype):
         assert diff <= 1e-9, f"parallel thoughts vs naive reference on SmolLM2 (fp64): {diff:.2e}"
     else:
         assert diff <= max(1e-5, 2 * noise_floor), f"fp32: {diff:.2e} vs noise floor {noise_floor:.2e}"
+
+
+def test_sparse_embedding_gradients_equal_dense_ones(monkeypatch):
+    qs = make_qstar(window=None)
+    torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.1)
+    tokens = torch.randint(0, V, (B, T))
+    _, sparse = loss_and_grads(qs, tokens)
+    monkeypatch.setattr(qs, "_embed", lambda ids: qs.model.embed(ids))
+    _, dense = loss_and_grads(qs, tokens)
+    assert not sparse["model.embed_tokens.weight"].is_sparse
+    assert torch.allclose(sparse["model.embed_tokens.weight"], dense["model.embed_tokens.weight"], atol=1e-6)

@@ -1,0 +1,261 @@
+"""Benchmark: what thinking costs, in time and memory, against a plain language-model step.
+
+    python bench.py            # the full grid (tiny and SmolLM2-135M dimensions, n up to 1024): ~1 hour on 2 cores
+    python bench.py --quick    # a small grid, under 2 minutes on 2 CPU cores
+
+A Quiet-STaR step with n_ahead k (k - 3 thought tokens between the markers), n_ahead_talk t and P thoughts per
+position runs 1 + P * (k + t - 2) decoder passes of n tokens (one base pass shared by the P thoughts; the
+official code runs P * (k + t - 1)). So the least it can cost is that many plain steps, and
+    overhead = Quiet-STaR step time / (passes x plain step time)
+says how close we get (1.0 = thinking costs exactly its passes). A plain step also pays for AdamW once, and a
+Quiet-STaR step pays for it once for all its passes, so we also report the stricter
+    overhead_fwd_bwd = (Quiet-STaR step - optimizer) / (passes x (plain step - optimizer)).
+A step is forward, backward and AdamW on one document of n tokens. Both steps run in the same process (the
+plain one before and after the Quiet-STaR one; the faster is kept), so the ratio is taken under one load.
+Each configuration runs in its own process so that its peak memory (RSS on CPU, allocator peak on GPU) is
+its own. Random weights: speed does not depend on their values. The last line printed is JSON.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+SIZES = {
+    "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=160),
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536,
+                         rope_theta=100000.0, tie_embeddings=True),
+}
+
+
+def build(size: str, device):
+    from model import Mistral, MistralConfig
+    torch.manual_seed(0)
+    model = Mistral(MistralConfig(**SIZES[size], sliding_window=None)).to(device)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+class Tokenizer1:
+    """Stands in for a tokenizer: the markers start from token 1."""
+    def encode(self, text, add_special_tokens=False):
+        return type("Encoding", (), {"ids": [1]})()
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def peak_memory(device) -> float:
+    """GiB: the allocator's peak on GPU, the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # ru_maxrss is in KiB on Linux
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median wall time of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_step(size: str, n: int, k: int, t: int, P: int, checkpointing: bool, repeats: int, device) -> dict:
+    """One configuration: plain step time (measured before and after the Quiet-STaR steps, so that a change of
+    load on a shared machine hits both), Quiet-STaR step time, the optimizer's share, peak memory of each."""
+    from qstar import QuietStar, QuietStarConfig
+    model = build(size, device)
+    tokens = torch.randint(0, model.config.vocab_size, (1, n), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    plain_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def plain_step(optimizer=plain_optimizer):
+        with autocast:
+            logits = model(tokens)
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), tokens[0, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    plain_times = [timed(plain_step, device, repeats)]
+    plain_memory = peak_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    qs = QuietStar(model, QuietStarConfig(thought_len=k - 3, n_true=t, n_thoughts=P, marker_init="x",
+                                          activation_checkpointing=checkpointing), Tokenizer1()).to(device)
+    torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.01)    # as after a few steps: every path live
+    optimizer = torch.optim.AdamW(qs.parameters(), lr=1e-6)
+
+    def qstar_step():
+        with autocast:
+            loss = qs(tokens)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    qstar = timed(qstar_step, device, max(1, repeats // 2) if plain_times[0] * (k + t) * P < 60 else 1)
+    qstar_memory = peak_memory(device)
+    model.activation_checkpointing = False
+    plain_times.append(timed(lambda: plain_step(optimizer), device, repeats))
+
+    def optimizer_only():     # AdamW on gradients that exist: the part of a step that does not scale with passes
+        optimizer.step()
+    for p in qs.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer_s = timed(optimizer_only, device, repeats)
+    plain = sorted(plain_times)[0]
+    passes = 1 + P * (k + t - 2)
+    return {"size": size, "n": n, "k": k, "t": t, "P": P, "checkpointing": checkpointing, "passes": passes,
+            "plain_s": plain, "plain_s_all": plain_times, "qstar_s": qstar, "optimizer_s": optimizer_s,
+            "overhead": qstar / (passes * plain),
+            "overhead_fwd_bwd": (qstar - optimizer_s) / (passes * (plain - optimizer_s)),
+            "plain_tokens_per_s": n / plain, "qstar_tokens_per_s": n / qstar,
+            "plain_peak_gib": plain_memory, "qstar_peak_gib": qstar_memory}
+
+
+def attention_memory(n: int, step: int, P: int = 2) -> dict:
+    """Bytes one thought pass's attention keeps for backward (one layer, SmolLM2 head sizes), fast vs dense,
+    counted exactly with saved-tensor hooks (each storage once; the cache tensors it reads are not counted)."""
+    from attention_mask import thought_mask
+    from model import attend
+    from thought_cache import thought_attention, with_summary_slot
+    H, K, E = 9, 3, 64
+    q = torch.randn(P, H, n, E, requires_grad=True)
+    new_k, new_v = torch.randn(P, K, n, E, requires_grad=True), torch.randn(P, K, n, E, requires_grad=True)
+    past_k = [torch.randn(P, K, n, E) for _ in range(step - 1)]
+    past_v = [torch.randn(P, K, n, E) for _ in range(step - 1)]
+    real_k, real_v = torch.randn(1, K, n, E), torch.randn(1, K, n, E)
+    real_k_aug, real_v_aug = with_summary_slot(real_k), with_summary_slot(real_v)
+    inputs = {t.untyped_storage().data_ptr() for t in [q, new_k, new_v, *past_k, *past_v, real_k_aug, real_v_aug]}
+
+    def kept(fn) -> tuple[int, float]:
+        storages = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in inputs:
+                storages[ptr] = t.untyped_storage().nbytes()
+            return t
+        start = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        out.sum().backward()
+        return sum(storages.values()), time.perf_counter() - start
+
+    fast = kept(lambda: thought_attention(q, [*past_k, new_k], [*past_v, new_v], real_k_aug, real_v_aug, P, None))
+
+    def dense():
+        keys = torch.cat([real_k.expand(P, -1, -1, -1), *past_k, new_k], dim=2)        # (P, K, n(s+1), E)
+        values = torch.cat([real_v.expand(P, -1, -1, -1), *past_v, new_v], dim=2)
+        return attend(q, keys, values, thought_mask(n, step))
+    dense_result = kept(dense)
+    return {"n": n, "step": step, "fast_mib": fast[0] / 2**20, "dense_mib": dense_result[0] / 2**20,
+            "fast_ms": fast[1] * 1e3, "dense_ms": dense_result[1] * 1e3}
+
+
+def generation_speed(size: str, k: int, new_tokens: int, device) -> dict:
+    from generate import generate_with_thoughts
+    from qstar import QuietStar, QuietStarConfig
+    model = build(size, device)
+    qs = QuietStar(model, QuietStarConfig(thought_len=k - 3, marker_init="x"), Tokenizer1()).to(device)
+    tok = Tokenizer1()
+    tok.encode = lambda text, add_special_tokens=True: type("E", (), {"ids": list(range(2, 34))})()
+    speeds = {}
+    for thinking in (False, True):
+        gen = generate_with_thoughts(qs, tok, "", new_tokens, thinking=thinking, stop_at_eos=False)
+        speeds["thinking" if thinking else "plain"] = gen.tokens_per_s
+    return {"size": size, "k": k, "plain_tokens_per_s": speeds["plain"], "thinking_tokens_per_s": speeds["thinking"],
+            "slowdown": speeds["plain"] / speeds["thinking"], "passes_per_token": k}
+
+
+def run_child(kind: str, **kwargs) -> dict:
+    """Run one measurement in a fresh process (its own peak memory) and read back its JSON line."""
+    proc = subprocess.run([sys.executable, __file__, f"--child={json.dumps({'kind': kind, **kwargs})}"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"kind": kind, **kwargs, "error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small grid that runs in under 2 minutes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.child:
+        spec = json.loads(args.child)
+        kind = spec.pop("kind")
+        if kind == "step":
+            print(json.dumps(measure_step(**spec, device=device)))
+        else:
+            print(json.dumps(generation_speed(**spec, device=device)))
+        return
+
+    if args.quick:
+        steps = [("tiny", n, k, False) for n in (128, 256) for k in (4, 12)] + [("smollm2-135m", 128, 4, False)]
+        attention = [(n, s) for n in (128, 256, 512) for s in (1, 11)]
+        generation = [("tiny", 12)]
+        repeats = 3
+    else:
+        steps = [(size, n, k, False) for size in SIZES for n in (128, 256, 512, 1024) for k in (4, 8, 12)
+                 if not (size == "smollm2-135m" and n * (k + 2) > 4096)]           # these need checkpointing
+        steps += [("smollm2-135m", n, k, True) for n in (256, 512, 1024) for k in (4, 8, 12)]
+        attention = [(n, s) for n in (128, 256, 512, 1024) for s in (1, 6, 11)]
+        generation = [("smollm2-135m", 4), ("smollm2-135m", 12)]
+        repeats = 3
+
+    figures = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "steps": [], "attention": [], "generation": [], "overhead": {},
+               "overhead_fwd_bwd": {}}
+    print(f"Quiet-STaR training step vs plain step ({device}, {torch.get_num_threads()} threads; t=4, P=2, 1 document)")
+    print(f"{'size':13} {'n':>5} {'k':>3} {'ckpt':>4} {'passes':>6} {'plain s':>8} {'qstar s':>8} {'overhead':>8} "
+          f"{'fwd+bwd':>8} {'tok/s':>7} {'plain GiB':>9} {'qstar GiB':>9}")
+    for size, n, k, checkpointing in steps:
+        r = run_child("step", size=size, n=n, k=k, t=4, P=2, checkpointing=checkpointing, repeats=repeats)
+        figures["steps"].append(r)
+        if "error" in r:
+            print(f"{size:13} {n:>5} {k:>3} {'yes' if checkpointing else 'no':>4}  failed: {r['error']}")
+            continue
+        key = f"{size}/n{n}/k{k}" + ("/ckpt" if checkpointing else "")
+        figures["overhead"][key] = round(r["overhead"], 4)
+        figures["overhead_fwd_bwd"][key] = round(r["overhead_fwd_bwd"], 4)
+        print(f"{size:13} {n:>5} {k:>3} {'yes' if checkpointing else 'no':>4} {r['passes']:>6} {r['plain_s']:>8.3f} "
+              f"{r['qstar_s']:>8.2f} {r['overhead']:>8.3f} {r['overhead_fwd_bwd']:>8.3f} {r['qstar_tokens_per_s']:>7.1f} "
+              f"{r['plain_peak_gib']:>9.2f} "
+              f"{r['qstar_peak_gib']:>9.2f}")
+
+    print("\nAttention of one thought pass, one layer (9 query / 3 KV heads of 64, P=2): memory kept for backward")
+    print(f"{'n':>5} {'step':>4} {'fast MiB':>9} {'dense MiB':>10} {'fast ms':>8} {'dense ms':>9}")
+    for n, s in attention:
+        r = attention_memory(n, s)
+        figures["attention"].append(r)
+        print(f"{n:>5} {s:>4} {r['fast_mib']:>9.2f} {r['dense_mib']:>10.2f} {r['fast_ms']:>8.1f} {r['dense_ms']:>9.1f}")
+
+    print("\nGeneration (32-token prompt, 32 new tokens; thinking = k - 1 extra cached passes per token)")
+    for size, k in generation:
+        r = run_child("generation", size=size, k=k, new_tokens=32 if not args.quick else 12)
+        figures["generation"].append(r)
+        if "error" in r:
+            print(f"{size:13} k={k:<3} failed: {r['error']}")
+            continue
+        print(f"{size:13} k={k:<3} plain {r['plain_tokens_per_s']:7.1f} tok/s   thinking "
+              f"{r['thinking_tokens_per_s']:7.1f} tok/s   ({r['slowdown']:.1f}x slower)")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

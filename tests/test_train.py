@@ -1,0 +1,174 @@
+"""train.py end to end on a tiny model: metrics, checkpoints, exact resume, atomic writes, bad flags, NaN,
+Ctrl-C and LoRA."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT, tiny_model
+from model import load_pretrained, save_pretrained
+from qstar import QuietStar
+
+STEP_KEYS = {"step", "loss", "nll_base", "nll_thought", "nll_talk", "reinforce", "reward_mean", "mix_weight_mean",
+             "grad_norm", "lr", "tokens_per_s"}
+EVAL_KEYS = {"eval_nll_base", "eval_nll_thought", "eval_hard_nll_base", "eval_hard_nll_thought"}
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A random 2-layer model with the real SmolLM2 tokenizer, so that the built-in text tokenizes."""
+    _, tokenizer = load_pretrained("smollm2-135m")
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size(), window=None, std=0.05)
+    model.config.eos_token_id = 2
+    path = tmp_path_factory.mktemp("tiny-smol")
+    save_pretrained(model, tokenizer, path)
+    return path
+
+
+def args(tiny_dir, out_dir, **extra):
+    base = dict(model=tiny_dir, out_dir=out_dir, seq_len=20, batch_size=2, max_steps=4, eval_interval=2,
+                save_interval=2, eval_windows=2, thought_len=2, n_true=2, lr=1e-3)
+    return [f"--{k}={v}" for k, v in (base | extra).items()]
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_run_writes_metrics_checkpoint_and_thoughts(tiny_dir, tmp_path, capsys):
+    assert train.main(args(tiny_dir, tmp_path)) == 0
+    rows = read_metrics(tmp_path)
+    assert rows[0]["step"] == 0 and EVAL_KEYS <= rows[0].keys()            # evaluation before training
+    assert [r["step"] for r in rows[1:]] == [1, 2, 3, 4]
+    assert all(STEP_KEYS <= r.keys() for r in rows[1:])
+    assert EVAL_KEYS <= rows[2].keys() and EVAL_KEYS <= rows[4].keys()
+    summary = capsys.readouterr().out
+    assert "4 steps in" in summary and "last eval:" in summary
+    # the checkpoint: Hugging Face layout for our loader (and transformers), plus the Quiet-STaR parts
+    model, _ = load_pretrained(tmp_path)
+    qs, _ = QuietStar.from_pretrained(tmp_path)
+    start, _ = qs.marker_embeddings()
+    untrained, _ = load_pretrained(tiny_dir)
+    assert not torch.allclose(start, untrained.embed_tokens.weight[1265].float())   # the markers trained...
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "quietstar.safetensors")
+    assert torch.equal(qs.markers.scaled, saved["markers.scaled"])                   # ...and load as saved
+    assert qs.mixing_head.net[-1].weight.abs().max() > 0
+    assert qs.config.thought_len == 2 and qs.config.marker_init == "\u2014"
+    assert torch.equal(model.embed_tokens.weight, qs.model.embed_tokens.weight)
+    page = (tmp_path / "thoughts.html").read_text()
+    assert page.count('class="tok"') == 20 and "http" not in page.split("</head>")[0]
+
+
+def test_transformers_loads_the_checkpoint(tiny_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    assert train.main(args(tiny_dir, tmp_path, max_steps=1)) == 0
+    ours, _ = load_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, 1000, (1, 7))
+    with torch.no_grad():
+        assert (ours(tokens) - theirs(tokens).logits).abs().max() <= 1e-5
+
+
+def test_resume_gives_exactly_the_uninterrupted_losses(tiny_dir, tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert train.main(args(tiny_dir, whole)) == 0
+    assert train.main(args(tiny_dir, part, max_steps=2)) == 0
+    assert train.main([f"--out_dir={part}", "--max_steps=4", "--resume=1"]) == 0   # settings come from out_dir
+
+    def without_timing(rows):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert without_timing(read_metrics(part)) == without_timing(read_metrics(whole))
+
+
+def test_a_fresh_run_never_overwrites_a_checkpoint(tiny_dir, tmp_path):
+    assert train.main(args(tiny_dir, tmp_path, max_steps=1)) == 0
+    with pytest.raises(SystemExit, match="already holds a checkpoint at step 1.*--resume=1"):
+        train.main(args(tiny_dir, tmp_path, max_steps=1))
+    with pytest.raises(SystemExit, match="holds no checkpoint"):
+        train.main([f"--out_dir={tmp_path / 'empty'}", "--resume=1"])
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one_readable(tiny_dir, tmp_path, monkeypatch):
+    assert train.main(args(tiny_dir, tmp_path, max_steps=2)) == 0
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()}
+
+    def crash(*a, **k):
+        raise OSError("disk full (simulated)")
+    monkeypatch.setattr(train.torch, "save", crash)                       # dies after the weights are written
+    with pytest.raises(OSError, match="simulated"):
+        train.main([f"--out_dir={tmp_path}", "--max_steps=4", "--resume=1"])
+    after = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()}
+    for name in ("model.safetensors", "quietstar.safetensors", "train_state.pt", "config.json"):
+        assert after[name] == before[name], name
+    assert not list(tmp_path.glob(".checkpoint-*"))                       # no half-written folder left
+    assert train.checkpoint_step(tmp_path) == 2
+    load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--no_such_key=3"], "unknown key 'no_such_key'. Valid keys: .*batch_size.*thought_len"),
+    (["--max_steps=ten"], "--max_steps='ten' is not a valid int"),
+    (["--resume=maybe"], "--resume='maybe' is not a valid bool"),
+    (["max_steps=3"], "arguments look like --key=value"),
+    (["--preset=gpu"], "unknown preset 'gpu'; choose one of"),
+])
+def test_bad_flags_name_the_valid_keys(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        train.parse_args(argv)
+
+
+def test_presets_and_overrides():
+    cfg, qcfg = train.parse_args(["--preset=paper", "--lora_rank=16"])
+    assert (cfg.model, cfg.lr, cfg.seq_len, cfg.lora_rank) == ("mistralai/Mistral-7B-v0.1", 1e-6, 256, 16)
+    assert (qcfg.thought_len, qcfg.n_true, qcfg.n_thoughts) == (9, 4, 2)
+    cfg, qcfg = train.parse_args(["--thought_len=6", "--reinforce_temperature=3"])
+    assert (cfg.preset, qcfg.thought_len, qcfg.reinforce_temperature) == ("cpu", 6, 3.0)
+
+
+def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_dir, tmp_path, capsys):
+    code = train.main(args(tiny_dir, tmp_path, lr=1e30, max_steps=5, save_interval=1))
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "non-finite value at step" in err and "last good checkpoint (step 1)" in err
+    assert train.checkpoint_step(tmp_path) == 1
+    load_pretrained(tmp_path)
+
+
+def test_ctrl_c_saves_and_exits(tiny_dir, tmp_path):
+    argv = args(tiny_dir, tmp_path, max_steps=10_000, save_interval=10_000, eval_interval=10_000)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (tmp_path / "metrics.jsonl").exists()
+                                      or len(read_metrics(tmp_path)) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "checkpoint saved" in output and "Traceback" not in output
+    step = train.checkpoint_step(tmp_path)
+    assert step is not None and step >= 2 and read_metrics(tmp_path)[-1]["step"] == step
+
+
+def test_lora_run_saves_peft_adapters_and_merged_weights(tiny_dir, tmp_path):
+    assert train.main(args(tiny_dir, tmp_path, lora_rank=4, lora_alpha=8, max_steps=2)) == 0
+    adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 4
+    from safetensors.torch import load_file
+    adapters = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in adapters
+    merged, _ = load_pretrained(tmp_path)                   # base + adapters merged, plain HF layout
+    base, _ = load_pretrained(tiny_dir)
+    assert torch.equal(merged.embed_tokens.weight, base.embed_tokens.weight)         # frozen
+    assert not torch.equal(merged.layers[0].self_attn.q_proj.weight, base.layers[0].self_attn.q_proj.weight)
+    # resume continues from base + saved adapters
+    assert train.main([f"--out_dir={tmp_path}", "--max_steps=3", "--resume=1"]) == 0
+    assert read_metrics(tmp_path)[-1]["step"] == 3
