@@ -14,6 +14,9 @@ Tasks (reference doc section 5):
                first integer against the gold one; optional majority vote over --votes samples.
   nll          held-out text: mean next-token NLL without / with thoughts, overall and on the hardest 10%
                of tokens by base NLL (the paper's difficult tokens).
+  thoughts     the thoughts page (thoughts_page.py) for the first --seq_len tokens of --data ("arithmetic"
+               or a .txt/.jsonl file), with the training curves of <model>/metrics.jsonl if there is one:
+               python eval.py --model=out --task=thoughts --data=arithmetic --out=out/thoughts.html
 """
 
 import argparse
@@ -30,7 +33,7 @@ from tqdm import tqdm
 from data import TokenWindows, gsm8k_text
 from qstar import QuietStar
 
-TASKS = ("gsm8k", "csqa", "gsm8k_gen", "nll")
+TASKS = ("gsm8k", "csqa", "gsm8k_gen", "nll", "thoughts")
 HUB_DATASETS = {"gsm8k": ("openai/gsm8k", "main", "test"), "csqa": ("tau/commonsense_qa", None, "validation")}
 
 
@@ -158,7 +161,7 @@ def nll_with_and_without_thoughts(qs: QuietStar, windows: torch.Tensor, batch_si
     """windows (N, T) token ids -> mean NLL of every next token without a thought and after one sampled
     thought, overall and on the hardest 10% of tokens by base NLL (the paper's difficult tokens)."""
     base, thought, weight = [], [], []
-    for i in range(0, len(windows), batch_size):
+    for i in tqdm(range(0, len(windows), batch_size), desc="held-out NLL", unit="batch", leave=False):
         scores = qs.token_scores(windows[i:i + batch_size])
         base.append(scores["nll_base"].flatten().float())
         thought.append(scores["nll_thought"].flatten().float())
@@ -199,6 +202,21 @@ def thought_records(qs: QuietStar, tokenizer, tokens: torch.Tensor) -> list[dict
 
 # ---- command line ---------------------------------------------------------------------------------------
 
+def thoughts_page(args) -> str:
+    from data import read_texts
+    from thoughts_page import write_thoughts_page
+    overrides = {"thought_len": args.thought_len} if args.thought_len is not None else {}
+    text = read_texts(args.data, limit=1 if args.data != "arithmetic" else 8)
+    qs, tokenizer = QuietStar.from_pretrained(args.model, **overrides)
+    torch.manual_seed(args.seed)
+    tokens = torch.tensor(tokenizer.encode("".join(text)).ids[:args.seq_len])
+    metrics = Path(args.model) / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    out = args.out or str(Path(args.model) / "thoughts.html")
+    return str(write_thoughts_page(out, thought_records(qs.eval(), tokenizer, tokens), rows,
+                                   title=f"Quiet-STaR thoughts: {args.model}"))
+
+
 def run(args) -> dict:
     overrides = {"thought_len": args.thought_len} if args.thought_len is not None else {}
     rows = read_rows(args.task, args.data, args.limit)
@@ -230,7 +248,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="checkpoint folder, built-in name or Hub id")
     parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--data", required=True, help="a local .jsonl file, or 'hub' for the task's Hub dataset")
+    parser.add_argument("--data", required=True, help="a local .jsonl file, or 'hub' for the task's Hub dataset "
+                                                      "(thoughts: also 'arithmetic' or a .txt file)")
     parser.add_argument("--limit", type=int, default=None, help="first N questions / documents")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     parser.add_argument("--batch_size", type=int, default=4)
@@ -241,6 +260,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
+        if args.task == "thoughts":
+            print(f"wrote {thoughts_page(args)}")
+            return 0
         result = run(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

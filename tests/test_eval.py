@@ -167,3 +167,12 @@ def test_bad_paths_and_unknown_tasks_give_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         qeval.main(["--task=mmlu", "--data=x.jsonl"])
     assert "invalid choice: 'mmlu'" in capsys.readouterr().err
+
+
+def test_thoughts_page_command_on_a_checkpoint(tiny_qstar, tmp_path):
+    qs, tokenizer = tiny_qstar
+    qs.save_pretrained(tmp_path, tokenizer)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "reward_mean": 0.1}) + "\n")
+    assert qeval.main([f"--model={tmp_path}", "--task=thoughts", "--data=arithmetic", "--seq_len=24"]) == 0
+    page = (tmp_path / "thoughts.html").read_text()
+    assert page.count('class="tok"') == 24 and "<svg" in page
