@@ -1,6 +1,6 @@
 """Benchmark: what thinking costs, in time and memory, against a plain language-model step.
 
-    python bench.py            # the full grid (tiny and SmolLM2-135M dimensions, n up to 1024): ~1 hour on 2 cores
+    python bench.py            # the full grid (tiny and SmolLM2-135M dimensions, n up to 1024): ~20 min on 2 cores
     python bench.py --quick    # a small grid, under 2 minutes on 2 CPU cores
 
 A Quiet-STaR step with n_ahead k (k - 3 thought tokens between the markers), n_ahead_talk t and P thoughts per
@@ -58,9 +58,10 @@ def peak_memory(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # ru_maxrss is in KiB on Linux
 
 
-def timed(fn, device, repeats: int) -> float:
-    """Median wall time of `repeats` calls after one warm-up call."""
-    fn()
+def timed(fn, device, repeats: int, warmup: bool = True) -> float:
+    """Median wall time of `repeats` calls, after one warm-up call unless that would take minutes."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -105,7 +106,8 @@ def measure_step(size: str, n: int, k: int, t: int, P: int, checkpointing: bool,
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    qstar = timed(qstar_step, device, max(1, repeats // 2) if plain_times[0] * (k + t) * P < 60 else 1)
+    cheap = plain_times[0] * (k + t) * P < 40                                   # seconds, roughly
+    qstar = timed(qstar_step, device, max(1, repeats // 2) if cheap else 1, warmup=cheap)
     qstar_memory = peak_memory(device)
     model.activation_checkpointing = False
     plain_times.append(timed(lambda: plain_step(optimizer), device, repeats))
@@ -137,7 +139,8 @@ def attention_memory(n: int, step: int, P: int = 2) -> dict:
     past_k = [torch.randn(P, K, n, E) for _ in range(step - 1)]
     past_v = [torch.randn(P, K, n, E) for _ in range(step - 1)]
     real_k, real_v = torch.randn(1, K, n, E), torch.randn(1, K, n, E)
-    real_k_aug, real_v_aug = with_summary_slot(real_k), with_summary_slot(real_v)
+    real_k_aug = with_summary_slot(real_k).repeat_interleave(P, dim=0)     # as ThoughtCache.begin_thoughts
+    real_v_aug = with_summary_slot(real_v).repeat_interleave(P, dim=0)
     inputs = {t.untyped_storage().data_ptr() for t in [q, new_k, new_v, *past_k, *past_v, real_k_aug, real_v_aug]}
 
     def kept(fn) -> tuple[int, float]:
@@ -180,10 +183,21 @@ def generation_speed(size: str, k: int, new_tokens: int, device) -> dict:
             "slowdown": speeds["plain"] / speeds["thinking"], "passes_per_token": k}
 
 
-def run_child(kind: str, **kwargs) -> dict:
+def find_jemalloc() -> str | None:
+    """jemalloc (Debian: apt install libjemalloc2). On CPU, glibc's malloc fragments under the many large,
+    short-lived tensors of a training step: here it nearly doubles peak RSS and adds page-fault time. PyTorch's
+    CPU performance guide recommends jemalloc or tcmalloc; both steps of a comparison use the same allocator."""
+    import ctypes.util
+    import glob
+    candidates = glob.glob("/usr/lib/*-linux-gnu/libjemalloc.so.2") + [ctypes.util.find_library("jemalloc") or ""]
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+def run_child(kind: str, allocator: str | None = None, **kwargs) -> dict:
     """Run one measurement in a fresh process (its own peak memory) and read back its JSON line."""
+    env = os.environ | ({"LD_PRELOAD": allocator} if allocator else {})
     proc = subprocess.run([sys.executable, __file__, f"--child={json.dumps({'kind': kind, **kwargs})}"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"kind": kind, **kwargs, "error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:200]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -193,9 +207,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small grid that runs in under 2 minutes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--allocator", default="auto", choices=["auto", "jemalloc", "glibc"],
+                        help="CPU memory allocator of the measuring processes (auto: jemalloc if installed)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
+    allocator = None if args.allocator == "glibc" or device.type == "cuda" else find_jemalloc()
+    if args.allocator == "jemalloc" and allocator is None:
+        raise SystemExit("--allocator=jemalloc: libjemalloc.so.2 not found (Debian: apt install libjemalloc2)")
     if args.child:
         spec = json.loads(args.child)
         kind = spec.pop("kind")
@@ -211,21 +230,24 @@ def main():
         generation = [("tiny", 12)]
         repeats = 3
     else:
-        steps = [(size, n, k, False) for size in SIZES for n in (128, 256, 512, 1024) for k in (4, 8, 12)
-                 if not (size == "smollm2-135m" and n * (k + 2) > 4096)]           # these need checkpointing
-        steps += [("smollm2-135m", n, k, True) for n in (256, 512, 1024) for k in (4, 8, 12)]
+        # SmolLM2 without checkpointing where it fits in 24 GiB (n=256, k=12 peaks near 20 GiB); with it beyond
+        steps = [("tiny", n, k, False) for n in (128, 256, 512, 1024) for k in (4, 8, 12)]
+        steps += [("smollm2-135m", n, k, False) for n in (128, 256) for k in (4, 8, 12)]
+        steps += [("smollm2-135m", n, k, True) for n, k in ((256, 12), (512, 4), (512, 12), (1024, 4), (1024, 12))]
         attention = [(n, s) for n in (128, 256, 512, 1024) for s in (1, 6, 11)]
         generation = [("smollm2-135m", 4), ("smollm2-135m", 12)]
         repeats = 3
 
     figures = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "allocator": "jemalloc" if allocator else "default",
                "steps": [], "attention": [], "generation": [], "overhead": {},
                "overhead_fwd_bwd": {}}
-    print(f"Quiet-STaR training step vs plain step ({device}, {torch.get_num_threads()} threads; t=4, P=2, 1 document)")
+    print(f"Quiet-STaR training step vs plain step ({device}, {torch.get_num_threads()} threads, allocator "
+          f"{figures['allocator']}; t=4, P=2, 1 document)")
     print(f"{'size':13} {'n':>5} {'k':>3} {'ckpt':>4} {'passes':>6} {'plain s':>8} {'qstar s':>8} {'overhead':>8} "
           f"{'fwd+bwd':>8} {'tok/s':>7} {'plain GiB':>9} {'qstar GiB':>9}")
     for size, n, k, checkpointing in steps:
-        r = run_child("step", size=size, n=n, k=k, t=4, P=2, checkpointing=checkpointing, repeats=repeats)
+        r = run_child("step", allocator, size=size, n=n, k=k, t=4, P=2, checkpointing=checkpointing, repeats=repeats)
         figures["steps"].append(r)
         if "error" in r:
             print(f"{size:13} {n:>5} {k:>3} {'yes' if checkpointing else 'no':>4}  failed: {r['error']}")
@@ -247,7 +269,7 @@ def main():
 
     print("\nGeneration (32-token prompt, 32 new tokens; thinking = k - 1 extra cached passes per token)")
     for size, k in generation:
-        r = run_child("generation", size=size, k=k, new_tokens=32 if not args.quick else 12)
+        r = run_child("generation", allocator, size=size, k=k, new_tokens=32 if not args.quick else 12)
         figures["generation"].append(r)
         if "error" in r:
             print(f"{size:13} k={k:<3} failed: {r['error']}")

@@ -109,7 +109,7 @@ def reinforce_loss(reward: Tensor, thought_logp: Tensor, valid: Tensor, clip_neg
     advantage = reward - reward.mean(dim=1, keepdim=True)
     if clip_negative:
         advantage = advantage.clamp(min=0)
-    return -masked_mean(advantage.detach() * thought_logp, valid.expand_as(thought_logp))
+    return masked_mean(advantage.detach() * -thought_logp, valid.expand_as(thought_logp))
 
 
 def pick_marker_token(tokenizer) -> tuple[str, int]:

@@ -11,7 +11,7 @@ CLIP = 1.0  # |delta NLL| (nats) at which a token's colour reaches full intensit
 PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"]
 GROUPS = [("Training losses", ["loss", "nll_base", "nll_thought", "nll_talk", "reinforce"]),  # (title, keys)
           ("Reward and mixing weight", ["reward_mean", "mix_weight_mean"]),
-          ("Eval NLL with vs without thoughts",  # this chart also picks up any other "eval_*" key
+          ("Eval NLL with vs without thoughts",  # this chart also picks up any other "eval_*nll*" key
            ["eval_nll_base", "eval_nll_thought", "eval_hard_nll_base", "eval_hard_nll_thought"])]
 CSS = """
 body{font-family:system-ui,"Segoe UI","DejaVu Sans",sans-serif;margin:24px auto;max-width:1100px;
@@ -132,7 +132,7 @@ def _chart(title, series, w=520, h=250, left=56, right=14, top=30, bottom=40):
 
 def _curves_section(metrics):
     rows = [r for r in (metrics or []) if isinstance(r, dict) and _finite(r.get("step"))]
-    extra = sorted({k for r in rows for k in r if k.startswith("eval_")} - set(GROUPS[2][1]))
+    extra = sorted({k for r in rows for k in r if k.startswith("eval_") and "nll" in k} - set(GROUPS[2][1]))
     charts = []
     for title, keys in GROUPS[:2] + [(GROUPS[2][0], GROUPS[2][1] + extra)]:
         series = {k: pts for k in keys if (pts := [(r["step"], r[k]) for r in rows if _finite(r.get(k))])}

@@ -159,7 +159,7 @@ def evaluate(qs: QuietStar, windows: np.ndarray, device, autocast, seed: int) ->
     with autocast():
         result = nll_with_and_without_thoughts(qs, torch.from_numpy(windows).to(device), batch_size=4)
     qs.train()
-    return {f"eval_{k}": v for k, v in result.items()}
+    return {f"eval_{k}": v for k, v in result.items() if k != "n_tokens"}
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
