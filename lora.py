@@ -13,7 +13,6 @@ import json
 import math
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -15,8 +15,7 @@ over earlier keys (see KVCache; qstar.py brings its own cache for parallel thoug
 """
 
 import json
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -9,12 +9,11 @@ Every field of TrainConfig and of qstar.QuietStarConfig can be set with --key=va
 """
 
 import json
-import math
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_model, word_tokenizer
-from model import Mistral, MistralConfig, generate, load_pretrained, save_pretrained
+from model import Mistral, generate, load_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 

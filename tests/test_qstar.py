@@ -121,7 +121,7 @@ def test_gradients_reach_markers_mixing_head_and_trunk():
     qs = make_qstar()
     torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.1)   # at exactly 0 no thought gets any reward
     _, grads = loss_and_grads(qs, torch.randint(0, V, (B, T)))
-    for name, p in qs.named_parameters():
+    for name, _ in qs.named_parameters():
         assert name in grads and grads[name].abs().max() > 0, f"no gradient reaches {name}"
     start_grad, end_grad = grads["markers.scaled"]
     assert start_grad.abs().max() > 0 and end_grad.abs().max() > 0

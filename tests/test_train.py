@@ -2,7 +2,6 @@
 Ctrl-C and LoRA."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
