@@ -171,3 +171,18 @@ def test_lora_run_saves_peft_adapters_and_merged_weights(tiny_dir, tmp_path):
     # resume continues from base + saved adapters
     assert train.main([f"--out_dir={tmp_path}", "--max_steps=3", "--resume=1"]) == 0
     assert read_metrics(tmp_path)[-1]["step"] == 3
+
+
+def test_peft_loads_the_lora_adapters(tiny_dir, tmp_path):
+    """The ecosystem check: peft puts our adapters on transformers' model of the base checkpoint, and the
+    result predicts what our merged checkpoint predicts."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    assert train.main(args(tiny_dir, tmp_path, lora_rank=4, lora_alpha=8, max_steps=2)) == 0
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with_adapters = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    merged, _ = load_pretrained(tmp_path)
+    tokens = torch.randint(0, 1000, (1, 9))
+    with torch.no_grad():
+        diff = (with_adapters(tokens).logits - merged(tokens)).abs().max().item()
+    assert diff <= 1e-4, f"peft + transformers vs our merged LoRA checkpoint: {diff:.2e}"
