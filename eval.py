@@ -175,8 +175,8 @@ def nll_with_and_without_thoughts(qs: QuietStar, windows: torch.Tensor, batch_si
 
 def heldout_nll(qs: QuietStar, tokenizer, rows: list[dict], seq_len: int, batch_size: int) -> dict:
     texts = [row["text"] if "text" in row else gsm8k_text(row) for row in rows]
-    eos = qs.model.config.eos_token_id
-    windows = TokenWindows(texts, tokenizer, seq_len, eos[0] if isinstance(eos, list) else eos, seed=0).windows(10**9)
+    eos = (qs.model.config.eos_ids or [None])[0]
+    windows = TokenWindows(texts, tokenizer, seq_len, eos, seed=0).windows(10**9)
     r = nll_with_and_without_thoughts(qs, torch.from_numpy(windows).to(qs.model.embed_tokens.weight.device), batch_size)
     return {"thoughts": {"nll": r["nll_thought"], "hard_nll": r["hard_nll_thought"], "mix_weight": r["mix_weight"]},
             "no_thoughts": {"nll": r["nll_base"], "hard_nll": r["hard_nll_base"]}, "n_tokens": r["n_tokens"]}

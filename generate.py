@@ -63,8 +63,7 @@ def generate_with_thoughts(qs: QuietStar, tokenizer, prompt: str, max_new_tokens
     prompt_ids = encode(tokenizer, prompt)
     cache = model.new_cache()
     h = model.hidden(model.embed(torch.tensor([prompt_ids], device=device)), cache=cache)[:, -1:]  # (1, 1, D)
-    eos = model.config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos]) if stop_at_eos and eos is not None else set()
+    eos = set(model.config.eos_ids) if stop_at_eos else set()
     out = Generation("", [])
     started = time.time()
     for _ in range(max_new_tokens):

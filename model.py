@@ -76,6 +76,12 @@ class MistralConfig:
             architecture=arch, bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
             max_position_embeddings=hf.get("max_position_embeddings", 32768))
 
+    @property
+    def eos_ids(self) -> list[int]:
+        """eos_token_id as a list (HF configs hold an int, a list or null)."""
+        eos = self.eos_token_id
+        return [] if eos is None else eos if isinstance(eos, list) else [eos]
+
     def to_hf(self) -> dict:
         """The inverse of from_hf: a config.json that transformers reads back into the same model."""
         hf = {
@@ -316,8 +322,7 @@ def generate(model: Mistral, tokenizer, prompt: str, max_new_tokens: int = 32, t
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     tokens = torch.tensor([ids], device=device)                            # (1, S)
     cache, new = model.new_cache(), []
-    eos = model.config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos]) if stop_at_eos and eos is not None else set()
+    eos = set(model.config.eos_ids) if stop_at_eos else set()
     for _ in range(max_new_tokens):
         logits = model(tokens, cache=cache)[:, -1]                         # (1, V)
         tokens = sample_next(logits, temperature, top_k, generator)[:, None]

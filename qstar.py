@@ -240,8 +240,8 @@ class QuietStar(nn.Module):
             h = self._pass(x, step + u, cache)                                    # (B*M, T, D)
             logp, _, weight = self._head_logp(h[:, :T - 1 - u], rows[:, 1 + u:], 1.0, h_base=h_base[:, u:T - 1])
             out.append((logp, weight[..., 0]))
-            # next input at position i: the true token x_{i+1+u} (positions past the end get a dummy)
-            x = self._embed(F.pad(rows[:, 1 + u:], (0, 1 + u)))
+            if u + 1 < min(n_true, T - 1):  # next input at position i: the true token x_{i+1+u} (dummy past the end)
+                x = self._embed(F.pad(rows[:, 1 + u:], (0, 1 + u)))
         return out
 
     def forward(self, tokens: Tensor, loss_mask: Tensor | None = None) -> dict[str, Tensor]:

@@ -206,8 +206,7 @@ def main(argv: list[str]) -> int:
     qs.train()
 
     # ---- data
-    eos = model.config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
+    eos = (model.config.eos_ids or [None])[0]                   # documents are separated by EOS when there is one
     if cfg.data == "arithmetic":
         train_texts, val_texts = arithmetic_texts(4000, seed=cfg.seed), arithmetic_texts(200, seed=cfg.seed + 1)
     else:
