@@ -6,7 +6,9 @@ result are hard to predict without computing, and the question and the worked st
 everything a thought needs.
 
     Q: Maya has 23 marbles. She buys 4 bags with 6 marbles each. How many marbles does she have now?
-    A: 4 * 6 = 24. 23 + 24 = 47. The answer is 47.
+    A: 4*6=24. 23+24=47. The answer is 47.
+
+Equations are written without spaces ("23+19=42": 8 tokens instead of 11), so that a short thought can hold one.
 """
 
 import json
@@ -20,33 +22,47 @@ NAMES = ["Maya", "Tom", "Aisha", "Luis", "Priya", "Ben", "Chen", "Sara", "Omar",
 THINGS = ["marbles", "apples", "stickers", "books", "coins", "pencils", "cookies", "stamps", "shells", "cards"]
 
 
-def arithmetic_problem(rng: random.Random) -> str:
-    """One worked word problem with one to three steps of +, - and *."""
+def arithmetic_problem(rng: random.Random, bare: bool = False) -> str:
+    """One word problem with one to three steps of +, - and *: worked ("A: 4*6=24. ... The answer is 47.")
+    or, with bare=True, with the answer alone ("A: 47."), the form in which only a thought can do the work."""
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     kind = rng.randrange(4)
     a, b, c = rng.randint(11, 89), rng.randint(2, 9), rng.randint(2, 12)
     if kind == 0:
         d = rng.randint(11, 89)
-        return (f"Q: {name} has {a} {thing} and finds {d} more. How many {thing} does {name} have?\n"
-                f"A: {a} + {d} = {a + d}. The answer is {a + d}.\n")
-    if kind == 1:
+        question = f"{name} has {a} {thing} and finds {d} more. How many {thing} does {name} have?"
+        steps, answer = f"{a}+{d}={a + d}.", a + d
+    elif kind == 1:
         d = rng.randint(2, a - 1)
-        return (f"Q: {name} has {a} {thing} and gives away {d}. How many {thing} are left?\n"
-                f"A: {a} - {d} = {a - d}. The answer is {a - d}.\n")
-    if kind == 2:
-        return (f"Q: {name} buys {b} bags with {c} {thing} each. How many {thing} is that?\n"
-                f"A: {b} * {c} = {b * c}. The answer is {b * c}.\n")
-    total = a + b * c
-    d = rng.randint(2, total - 1)
-    return (f"Q: {name} has {a} {thing}, buys {b} bags with {c} {thing} each, then gives away {d}. "
-            f"How many {thing} does {name} have now?\n"
-            f"A: {b} * {c} = {b * c}. {a} + {b * c} = {total}. {total} - {d} = {total - d}. "
-            f"The answer is {total - d}.\n")
+        question = f"{name} has {a} {thing} and gives away {d}. How many {thing} are left?"
+        steps, answer = f"{a}-{d}={a - d}.", a - d
+    elif kind == 2:
+        question = f"{name} buys {b} bags with {c} {thing} each. How many {thing} is that?"
+        steps, answer = f"{b}*{c}={b * c}.", b * c
+    else:
+        total = a + b * c
+        d = rng.randint(2, total - 1)
+        question = (f"{name} has {a} {thing}, buys {b} bags with {c} {thing} each, then gives away {d}. "
+                    f"How many {thing} does {name} have now?")
+        steps, answer = f"{b}*{c}={b * c}. {a}+{b * c}={total}. {total}-{d}={total - d}.", total - d
+    if bare:
+        return f"Q: {question}\nA: {answer}.\n"
+    return f"Q: {question}\nA: {steps} The answer is {answer}.\n"
 
 
-def arithmetic_texts(n: int, seed: int) -> list[str]:
+def arithmetic_texts(n: int, seed: int, bare_fraction: float = 0.0) -> list[str]:
+    """n problems; each one bare (answer only) with probability bare_fraction, else worked."""
     rng = random.Random(seed)
-    return [arithmetic_problem(rng) for _ in range(n)]
+    return [arithmetic_problem(rng, bare=bare_fraction > 0 and rng.random() < bare_fraction) for _ in range(n)]
+
+
+BARE_ANSWER = re.compile(r"(?:^|\n)A: (\d+)\.\n")
+
+
+def bare_answer_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the digits of bare answers ("A: 47." -> the span of "47"): the tokens a thought can
+    help with most, since nothing in the text before them works the problem out."""
+    return [m.span(1) for m in BARE_ANSWER.finditer(text)]
 
 
 def gsm8k_text(row: dict) -> str:
@@ -105,15 +121,21 @@ def read_hub_dataset(name: str, limit: int) -> list[str]:
 class TokenWindows:
     """Documents tokenized and packed into one stream (separated by EOS), served as fixed windows.
 
-    batch(step) is a pure function of (seed, step): a resumed run sees exactly the same batches."""
+    batch(step) is a pure function of (seed, step): a resumed run sees exactly the same batches.
+    focus(text) -> character spans marks the tokens an evaluation is about (bare answers' digits); `focus` is
+    the (n_tokens,) bool array of those tokens."""
 
-    def __init__(self, texts: list[str], tokenizer, seq_len: int, eos_id: int | None, seed: int):
-        ids = []
+    def __init__(self, texts: list[str], tokenizer, seq_len: int, eos_id: int | None, seed: int, focus=None):
+        ids, marks = [], []
         for text in texts:
-            ids.extend(tokenizer.encode(text).ids)
+            encoding = tokenizer.encode(text)
+            spans = focus(text) if focus else []
+            ids.extend(encoding.ids)
+            marks.extend(any(s <= start < e for s, e in spans) for start, _ in encoding.offsets)
             if eos_id is not None:
                 ids.append(eos_id)
-        self.tokens = np.array(ids, dtype=np.int64)
+                marks.append(False)
+        self.tokens, self.focus = np.array(ids, dtype=np.int64), np.array(marks, dtype=bool)
         if len(self.tokens) < seq_len + 1:
             raise ValueError(f"only {len(self.tokens)} tokens of text; need at least seq_len + 1 = {seq_len + 1}")
         self.seq_len, self.seed = seq_len, seed
@@ -124,7 +146,25 @@ class TokenWindows:
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=batch_size)
         return np.stack([self.tokens[s:s + self.seq_len] for s in starts])
 
-    def windows(self, n: int) -> np.ndarray:
-        """The first n non-overlapping windows: a fixed evaluation set. (n, seq_len)"""
+    def windows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first n non-overlapping windows: a fixed evaluation set. -> tokens, focus (n, seq_len)"""
         n = min(n, len(self.tokens) // self.seq_len)
-        return self.tokens[:n * self.seq_len].reshape(n, self.seq_len)
+        shape = (n, self.seq_len)
+        return self.tokens[:n * self.seq_len].reshape(shape), self.focus[:n * self.seq_len].reshape(shape)
+
+    def focus_windows(self, n: int, after: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """Up to n windows, one per run of focus tokens, each placed so that the run starts at index
+        seq_len - after: the text before it is context, and every window has its focus at the same index,
+        so "the thought at the same position of another window" is a thought for another problem's answer.
+        -> tokens, focus (n, seq_len); focus marks the run only."""
+        T = self.seq_len
+        starts = np.flatnonzero(self.focus & ~np.concatenate([[False], self.focus[:-1]]))
+        starts = starts[(starts >= T - after) & (starts + after <= len(self.tokens))][:n]
+        tokens = np.stack([self.tokens[s - (T - after):s + after] for s in starts]) if len(starts) else \
+            np.zeros((0, T), dtype=np.int64)
+        focus = np.zeros_like(tokens, dtype=bool)
+        for row, s in enumerate(starts):
+            run = self.focus[s:s + after]
+            end = np.argmin(run) if not run.all() else after                    # the first non-focus token
+            focus[row, T - after:T - after + end] = True
+        return tokens, focus

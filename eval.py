@@ -27,13 +27,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import TokenWindows, gsm8k_text
+from data import TokenWindows, arithmetic_texts, bare_answer_spans, gsm8k_text
 from qstar import QuietStar
 
 TASKS = ("gsm8k", "csqa", "gsm8k_gen", "nll", "thoughts")
+HELDOUT_SEED = 1_000_000   # held-out arithmetic problems come from seeds no training run uses (train.py: seed, seed+1)
 HUB_DATASETS = {"gsm8k": ("openai/gsm8k", "main", "test"), "csqa": ("tau/commonsense_qa", None, "validation")}
 
 
@@ -70,21 +72,51 @@ def qa_prompt(task: str, row: dict) -> tuple[str, str]:
     return f"Q: {row['question']}\n{choices}\nA:", f" {row['answerKey']}\n"
 
 
+ANSWER_SYMBOLS = {"gsm8k": "0123456789", "csqa": "ABCDE"}
+
+
 def allowed_token_ids(tokenizer, symbols: str) -> torch.Tensor:
-    """Ids of the tokens that read as one of `symbols` (with or without leading spaces) or as a newline."""
-    ids = [i for i in range(tokenizer.get_vocab_size())
-           if tokenizer.decode([i]).lstrip(" ") in symbols or tokenizer.decode([i]) == "\n"]
-    return torch.tensor(ids)
+    """The official score's allowed set: the tokens the answer symbols are written as, after "A: " and inside a
+    number, plus the newline that ends the answer; nothing else (reference doc section 5.1: Mistral's ten digit
+    tokens + newline, or its five letter tokens + newline). Errors if a symbol is not a token of its own."""
+    allowed = set()
+    numbers = [f"A: {symbols}\n"] if symbols.isdigit() else []             # digits also inside a longer number
+    for text in [f"A: {s}\n" for s in symbols] + numbers:
+        encoding = tokenizer.encode(text, add_special_tokens=False)
+        for token, (start, end) in zip(encoding.ids, encoding.offsets):
+            piece = text[start:end]
+            if end > 3 and piece.strip():                                      # the answer's own tokens
+                if piece.strip() not in symbols or len(piece.strip()) != 1:
+                    raise ValueError(f"the tokenizer writes {text!r} with the token {piece!r}: the official score "
+                                     "needs one token per answer symbol")
+                allowed.add(token)
+            elif piece == "\n":
+                allowed.add(token)
+    return torch.tensor(sorted(allowed))
+
+
+def soft_score(logits: torch.Tensor, ids: list[int], positions: list[int], allowed: torch.Tensor) -> tuple[float, bool]:
+    """The official score of one answer: logits (T, V) of a text whose tokens are ids; positions: the answer
+    tokens to score. Each one's probability from the logits one position earlier, renormalised over the allowed
+    tokens, multiplied together ("soft"); "exact": every scored token is the most likely allowed one.
+    Nothing to score counts as wrong (the official product would stay 1: "correct")."""
+    if not positions:
+        return 0.0, False
+    index = {token: k for k, token in enumerate(allowed.tolist())}
+    probs = logits[[j - 1 for j in positions]].float()[:, allowed.to(logits.device)].softmax(dim=-1)
+    gold = torch.tensor([index[ids[j]] for j in positions], device=logits.device)
+    return probs[torch.arange(len(positions)), gold].prod().item(), bool((probs.argmax(-1) == gold).all())
 
 
 # ---- the official "soft" answer score -------------------------------------------------------------------
 
 @torch.no_grad()
 def answer_scores(qs: QuietStar, tokenizer, task: str, rows: list[dict], batch_size: int = 4) -> dict:
-    """Per question, with and without thoughts (the same sampled-thought forward gives both): the product of
-    the renormalised probabilities of the gold answer tokens, and whether each one is the top allowed token."""
-    allowed = allowed_token_ids(tokenizer, "0123456789" if task == "gsm8k" else "ABCDE")
-    allowed_index = {token: k for k, token in enumerate(allowed.tolist())}
+    """Per question, with and without thoughts (the same sampled-thought forward gives both): the official soft
+    score and exact match (soft_score). Scored: every token after "A:" that is in the allowed set (the official
+    code skips the lone space before a number and the comma in "1,000" the same way)."""
+    allowed = allowed_token_ids(tokenizer, ANSWER_SYMBOLS[task])
+    allowed_set = set(allowed.tolist())
     device = qs.model.embed_tokens.weight.device
     results = {"thoughts": [], "no_thoughts": []}
     for start in tqdm(range(0, len(rows), batch_size), desc=f"{task} answers", unit="batch", leave=False):
@@ -96,18 +128,10 @@ def answer_scores(qs: QuietStar, tokenizer, task: str, rows: list[dict], batch_s
             tokens[b, :len(e.ids)] = torch.tensor(e.ids)
         predicted = qs.predict(tokens)
         for b, ((prompt, _), e) in enumerate(zip(batch, encodings)):
-            # the answer tokens: those starting after the prompt and in the allowed set (skips " " and ",")
-            scored = [j for j, (s, _) in enumerate(e.offsets) if s >= len(prompt) and e.ids[j] in allowed_index]
-            if not scored:  # nothing to score counts as wrong (the official product stays 1: "correct")
-                for key in results:
-                    results[key].append({"soft": 0.0, "exact": False})
-                continue
+            scored = [j for j, (s, _) in enumerate(e.offsets) if s >= len(prompt) and e.ids[j] in allowed_set]
             for key, h in (("thoughts", "h_mixed"), ("no_thoughts", "h_base")):
-                logits = qs.model.lm_head(predicted[h][b, [j - 1 for j in scored]]).float()[:, allowed]
-                probs = logits.softmax(dim=-1)                                  # renormalised over allowed
-                gold = torch.tensor([allowed_index[e.ids[j]] for j in scored], device=device)
-                results[key].append({"soft": probs[torch.arange(len(scored)), gold].prod().item(),
-                                     "exact": bool((probs.argmax(-1) == gold).all())})
+                soft, exact = soft_score(qs.model.lm_head(predicted[h][b]), e.ids, scored, allowed)
+                results[key].append({"soft": soft, "exact": exact})
     return {key: {"soft": mean(r["soft"] for r in rs), "exact": mean(r["exact"] for r in rs), "n": len(rs)}
             for key, rs in results.items()}
 
@@ -154,48 +178,156 @@ def gsm8k_generation(qs: QuietStar, tokenizer, rows: list[dict], votes: int, max
     return out
 
 
-# ---- held-out NLL ---------------------------------------------------------------------------------------
+# ---- held-out NLL: the sampled thought against no thought and two controls -------------------------------
+#
+# A thought can lower the NLL in two ways: by what it says, or merely by being there (the mixing head and the
+# extra passes add capacity whatever the thought holds: a "pause token" effect). To tell them apart, the same
+# tokens of the same checkpoint are scored four ways, and the sampled thought is compared with each other one:
+#   none      no thought (the base prediction)
+#   sampled   the thought sampled at that position (what Quiet-STaR does)
+#   filler    a thought of the same length with no content: "." repeated
+#   shuffled  a real thought of the same model, sampled for another text: the one at the same position of the
+#             next window (or, with a single window, half a window away)
+# Differences are paired (same tokens), with 95% bootstrap intervals over windows (windows are the independent
+# units; tokens of one window are not).
+
+PREDICTORS = ("none", "sampled", "filler", "shuffled")
+CONTRASTS = (("sampled", "none"), ("sampled", "filler"), ("sampled", "shuffled"))
+
+
+def filler_token_id(tokenizer) -> int:
+    return tokenizer.encode(".", add_special_tokens=False).ids[0]
+
+
+def donor_thoughts(thought_ids: torch.Tensor) -> torch.Tensor:
+    """(N, T, L) thoughts -> the thoughts of other texts, position by position: window n gets window n+1's."""
+    if len(thought_ids) > 1:
+        return thought_ids.roll(-1, dims=0)
+    return thought_ids.roll(thought_ids.shape[1] // 2, dims=1)
+
 
 @torch.no_grad()
-def nll_with_and_without_thoughts(qs: QuietStar, windows: torch.Tensor, batch_size: int = 4) -> dict[str, float]:
-    """windows (N, T) token ids -> mean NLL of every next token without a thought and after one sampled
-    thought, overall and on the hardest 10% of tokens by base NLL (the paper's difficult tokens)."""
-    base, thought, weight = [], [], []
-    for i in tqdm(range(0, len(windows), batch_size), desc="held-out NLL", unit="batch", leave=False):
+def score_thoughts(qs: QuietStar, windows: torch.Tensor, filler_id: int, batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """windows (N, T) -> per-token NLL of x_{i+1} (N, T-1) under each of PREDICTORS, and the mixing weight of
+    the sampled thought (N, T-1). Uses the global torch RNG for the sampled thoughts."""
+    L = qs.config.thought_len
+    batches = range(0, len(windows), batch_size)
+    nll, weight, sampled_ids = {p: [] for p in PREDICTORS}, [], []
+    for i in tqdm(batches, desc="held-out NLL: sampled thoughts", unit="batch", leave=False):
         scores = qs.token_scores(windows[i:i + batch_size])
-        base.append(scores["nll_base"].flatten().float())
-        thought.append(scores["nll_thought"].flatten().float())
-        weight.append(scores["mix_weight"].flatten().float())
-    base, thought = torch.cat(base), torch.cat(thought)
-    hard = base >= base.quantile(0.9)
-    return {"nll_base": base.mean().item(), "nll_thought": thought.mean().item(),
-            "hard_nll_base": base[hard].mean().item(), "hard_nll_thought": thought[hard].mean().item(),
-            "mix_weight": torch.cat(weight).mean().item(), "n_tokens": base.numel()}
+        nll["none"].append(scores["nll_base"].float())
+        nll["sampled"].append(scores["nll_thought"].float())
+        weight.append(scores["mix_weight"].float())
+        sampled_ids.append(scores["thought_ids"])
+    donors = donor_thoughts(torch.cat(sampled_ids))
+    for i in tqdm(batches, desc="held-out NLL: controls", unit="batch", leave=False):
+        w = windows[i:i + batch_size]
+        filler = torch.full((*w.shape, L), filler_id, dtype=torch.long, device=w.device)
+        nll["filler"].append(qs.token_scores(w, filler)["nll_thought"].float())
+        nll["shuffled"].append(qs.token_scores(w, donors[i:i + batch_size])["nll_thought"].float())
+    return {p: torch.cat(v).cpu() for p, v in nll.items()} | {"mix_weight": torch.cat(weight).cpu()}
 
 
-def heldout_nll(qs: QuietStar, tokenizer, rows: list[dict], seq_len: int, batch_size: int) -> dict:
-    texts = [row["text"] if "text" in row else gsm8k_text(row) for row in rows]
+def paired_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, n_boot: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b over the tokens in mask, (N, T) each, and its 95% bootstrap interval: windows (rows) are
+    resampled with replacement and the token-weighted mean is recomputed. -> (mean, low, high)"""
+    sums = ((a - b) * mask).sum(dim=1).double().numpy()
+    counts = mask.sum(dim=1).double().numpy()
+    sums, counts = sums[counts > 0], counts[counts > 0]                      # windows without such tokens
+    if len(counts) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(sums), size=(n_boot, len(sums)))
+    boot = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    low, high = np.quantile(boot, [0.025, 0.975])
+    return float(sums.sum() / counts.sum()), float(low), float(high)
+
+
+def hard_tokens(nlls: list[torch.Tensor], mask: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
+    """The hardest `fraction` of the tokens in mask, ranked by the mean NLL of all the predictors compared.
+    Ranking by one predictor's NLL would favour every other one: a token picked because that predictor's NLL
+    is high by chance will, on average, be lower under any other (regression to the mean)."""
+    mean = torch.stack(nlls).mean(dim=0)
+    if not mask.any():
+        return mask
+    return mask & (mean >= mean[mask].quantile(1 - fraction))
+
+
+def compare_thoughts(nll: dict[str, torch.Tensor], focus: torch.Tensor | None = None, n_boot: int = 2000,
+                     seed: int = 0) -> dict:
+    """Per-token NLLs of PREDICTORS (N, T-1) -> mean NLL of each and the paired CONTRASTS with intervals, on
+    all tokens, on the hardest 10% (chosen by the mean of the four), and on the focus tokens (N, T-1) if given."""
+    everything = torch.ones_like(nll["none"], dtype=torch.bool)
+    subsets = {"all": everything, "hard": hard_tokens([nll[p] for p in PREDICTORS], everything)}
+    if focus is not None and focus.any():
+        subsets["focus"] = focus
+    out = {}
+    for name, mask in subsets.items():
+        out[name] = {"n_tokens": int(mask.sum()), "n_windows": int(mask.any(dim=1).sum()),
+                     "nll": {p: float(nll[p][mask].mean()) for p in PREDICTORS},
+                     "diff": {f"{a}-{b}": paired_difference(nll[a], nll[b], mask, n_boot, seed) for a, b in CONTRASTS}}
+    out["mix_weight"] = float(nll["mix_weight"].mean()) if "mix_weight" in nll else None
+    return out
+
+
+def thinking_wins(comparison: dict, subset: str) -> bool:
+    """The sampled thought beats no thought and both controls, every 95% interval below zero."""
+    return subset in comparison and all(high < 0 for _, _, high in comparison[subset]["diff"].values())
+
+
+def format_comparison(comparison: dict) -> str:
+    lines = [f"{'tokens':>16} {'n':>6} " + " ".join(f"{p:>9}" for p in PREDICTORS) + "   " +
+             "   ".join(f"{a}-{b} [95% CI]" for a, b in CONTRASTS)]
+    for name in ("all", "hard", "focus"):
+        if name not in comparison:
+            continue
+        c = comparison[name]
+        label = {"all": "all", "hard": "hardest 10%", "focus": "focus"}[name]
+        lines.append(f"{label:>16} {c['n_tokens']:>6} " + " ".join(f"{c['nll'][p]:>9.4f}" for p in PREDICTORS) +
+                     "   " + "   ".join(f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for m, lo, hi in c["diff"].values()))
+    return "\n".join(lines)
+
+
+def heldout_nll(qs: QuietStar, tokenizer, texts: list[str], seq_len: int, batch_size: int, focus=None,
+                max_windows: int | None = None) -> dict:
+    """Held-out text -> compare_thoughts on consecutive windows, plus on windows aligned on the focus tokens
+    (bare answers) when `focus` (text -> character spans) is given."""
     eos = (qs.model.config.eos_ids or [None])[0]
-    windows = TokenWindows(texts, tokenizer, seq_len, eos, seed=0).windows(10**9)
-    r = nll_with_and_without_thoughts(qs, torch.from_numpy(windows).to(qs.model.embed_tokens.weight.device), batch_size)
-    return {"thoughts": {"nll": r["nll_thought"], "hard_nll": r["hard_nll_thought"], "mix_weight": r["mix_weight"]},
-            "no_thoughts": {"nll": r["nll_base"], "hard_nll": r["hard_nll_base"]}, "n_tokens": r["n_tokens"]}
+    device = qs.model.embed_tokens.weight.device
+    stream = TokenWindows(texts, tokenizer, seq_len, eos, seed=0, focus=focus)
+    filler = filler_token_id(tokenizer)
+    windows, window_focus = stream.windows(max_windows or 10**9)
+    result = {"text": compare_thoughts(score_thoughts(qs, torch.from_numpy(windows).to(device), filler, batch_size),
+                                       torch.from_numpy(window_focus[:, 1:]))}
+    if focus is not None:
+        windows, window_focus = stream.focus_windows(max_windows or 10**9)
+        if len(windows):
+            scores = score_thoughts(qs, torch.from_numpy(windows).to(device), filler, batch_size)
+            result["answers"] = compare_thoughts(scores, torch.from_numpy(window_focus[:, 1:]))
+    return result
 
 
 # ---- thoughts for display -------------------------------------------------------------------------------
 
 @torch.no_grad()
-def thought_records(qs: QuietStar, tokenizer, tokens: torch.Tensor) -> list[dict]:
+def thought_records(qs: QuietStar, tokenizer, tokens: torch.Tensor, filler_id: int | None = None) -> list[dict]:
     """One text (T,) -> a record per token for thoughts_page: its text, the thought sampled before it (at the
-    previous position), the mixing weight, and how much the thought changed its NLL (negative = helped)."""
+    previous position), the mixing weight, how much the thought changed its NLL (negative = helped), and how
+    much a filler thought of the same length changed it: where the two differ, the content mattered."""
     scores = qs.token_scores(tokens[None])
+    filler = None
+    if filler_id is not None:
+        ids = torch.full_like(scores["thought_ids"], filler_id)
+        filler = qs.token_scores(tokens[None], ids)["nll_thought"][0]
     records = [{"text": tokenizer.decode([tokens[0].item()]), "thought": "", "mix_weight": None,
-                "delta_nll": None, "nll_base": None}]
+                "delta_nll": None, "delta_nll_filler": None, "nll_base": None}]
     for i in range(1, len(tokens)):
         base, after = scores["nll_base"][0, i - 1].item(), scores["nll_thought"][0, i - 1].item()
         records.append({"text": tokenizer.decode([tokens[i].item()]),
                         "thought": tokenizer.decode(scores["thought_ids"][0, i - 1].tolist()),
                         "mix_weight": scores["mix_weight"][0, i - 1].item(), "delta_nll": after - base,
+                        "delta_nll_filler": filler[i - 1].item() - base if filler is not None else None,
                         "nll_base": base})
     return records
 
@@ -217,28 +349,46 @@ def thoughts_page(args) -> str:
                                    title=f"Quiet-STaR thoughts: {args.model}"))
 
 
+def nll_texts(args) -> tuple[list[str], object]:
+    """The documents of the nll task and the focus function: built-in arithmetic problems from a seed no
+    training run uses (--bare_fraction of them bare, whose answer digits are the focus), or a data file."""
+    if args.data == "arithmetic":
+        texts = arithmetic_texts(args.limit or 400, seed=HELDOUT_SEED + args.seed, bare_fraction=args.bare_fraction)
+        return texts, bare_answer_spans if args.bare_fraction > 0 else None
+    return [row["text"] if "text" in row else gsm8k_text(row) for row in read_rows("nll", args.data, args.limit)], None
+
+
 def run(args) -> dict:
     overrides = {"thought_len": args.thought_len} if args.thought_len is not None else {}
-    rows = read_rows(args.task, args.data, args.limit)
     qs, tokenizer = QuietStar.from_pretrained(args.model, **overrides)
     qs.eval()
     torch.manual_seed(args.seed)
     started = time.time()
-    if args.task in ("gsm8k", "csqa"):
-        result = answer_scores(qs, tokenizer, args.task, rows, args.batch_size)
-    elif args.task == "gsm8k_gen":
-        result = gsm8k_generation(qs, tokenizer, rows, args.votes, args.max_new_tokens, args.seed)
+    if args.task == "nll":
+        texts, focus = nll_texts(args)
+        n, result = len(texts), heldout_nll(qs, tokenizer, texts, args.seq_len, args.batch_size, focus)
     else:
-        result = heldout_nll(qs, tokenizer, rows, args.seq_len, args.batch_size)
-    return {"task": args.task, "model": str(args.model), "data": args.data, "limit": args.limit, "n": len(rows),
+        rows = read_rows(args.task, args.data, args.limit)
+        n = len(rows)
+        if args.task in ("gsm8k", "csqa"):
+            result = answer_scores(qs, tokenizer, args.task, rows, args.batch_size)
+        else:
+            result = gsm8k_generation(qs, tokenizer, rows, args.votes, args.max_new_tokens, args.seed)
+    return {"task": args.task, "model": str(args.model), "data": args.data, "limit": args.limit, "n": n,
             "thought_len": qs.config.thought_len, "seed": args.seed, "seconds": round(time.time() - started, 1),
-            **result}
+            "command": "python eval.py " + " ".join(sys.argv[1:]), **result}
 
 
 def print_table(result: dict):
-    metrics = [k for k in result["no_thoughts"] if k not in ("n", "examples", "tokens_per_s")]
     print(f"\n{result['task']} on {result['n']} items, {result['model']} (thought length {result['thought_len']}, "
           f"{result['seconds']} s)")
+    if result["task"] == "nll":
+        for name in ("text", "answers"):
+            if name in result:
+                print(f"{'consecutive windows' if name == 'text' else 'windows aligned on the bare answers'}:")
+                print(format_comparison(result[name]))
+        return
+    metrics = [k for k in result["no_thoughts"] if k not in ("n", "examples", "tokens_per_s")]
     print(f"{'':14}" + "".join(f"{m:>12}" for m in metrics))
     for key in ("no_thoughts", "thoughts"):
         print(f"{key:14}" + "".join(f"{result[key][m]:>12.4f}" for m in metrics))
@@ -257,6 +407,8 @@ def main(argv=None) -> int:
     parser.add_argument("--votes", type=int, default=1, help="gsm8k_gen: samples per question, majority vote")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="gsm8k_gen: reasoning length")
     parser.add_argument("--seq_len", type=int, default=128, help="nll: window length")
+    parser.add_argument("--bare_fraction", type=float, default=0.5,
+                        help="nll on --data=arithmetic: fraction of problems answered bare (their digits are the focus)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:

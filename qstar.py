@@ -61,10 +61,18 @@ class ThoughtMarkers(nn.Module):
         super().__init__()
         self.grad_scale = grad_scale
         self.scaled = nn.Parameter(init.detach().float().repeat(2, 1) / grad_scale)  # (2, D): start, end
+        self.register_buffer("initial", init.detach().float().clone())          # (D,): for marker_drift()
 
     def forward(self) -> tuple[Tensor, Tensor]:
         start, end = self.scaled * self.grad_scale
         return start, end
+
+    @torch.no_grad()
+    def drift(self) -> tuple[float, float]:
+        """How far <start> and <end> moved from their initial embedding, relative to its size."""
+        start, end = self()
+        size = self.initial.norm()
+        return ((start - self.initial).norm() / size).item(), ((end - self.initial).norm() / size).item()
 
 
 class MixingHead(nn.Module):
@@ -105,8 +113,10 @@ def reinforce_loss(reward: Tensor, thought_logp: Tensor, valid: Tensor, clip_neg
 
     reward: (B, M, T) log-likelihood gain of the true tokens after each thought; thought_logp: (B, M, T)
     log-probability of each sampled thought (sum over its tokens); valid: (B, 1, T) positions that count.
-    Returns -mean(advantage * thought_logp) over valid positions; the advantage carries no gradient."""
-    advantage = reward - reward.mean(dim=1, keepdim=True)
+    Returns -mean(advantage * thought_logp) over valid positions; the advantage carries no gradient.
+    With a single thought per position (M = 1) the mean would equal the reward and the gradient would vanish;
+    then, as in the official code, the advantage is the reward itself (the gain over no thought)."""
+    advantage = reward - reward.mean(dim=1, keepdim=True) if reward.shape[1] > 1 else reward
     if clip_negative:
         advantage = advantage.clamp(min=0)
     return masked_mean(advantage.detach() * -thought_logp, valid.expand_as(thought_logp))
@@ -144,6 +154,13 @@ class QuietStar(nn.Module):
         self.markers = ThoughtMarkers(init, cfg.marker_grad_scale).to(device)
         self.mixing_head = MixingHead(dim, cfg.mixing_hidden or dim).to(device)
         model.activation_checkpointing = cfg.activation_checkpointing
+        # A thought is text: EOS and the tokenizer's special tokens (chat roles, file separators) are never sampled.
+        banned = set(model.config.eos_ids)
+        if tokenizer is not None:
+            banned |= {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        banned = sorted(i for i in banned if i < model.config.vocab_size)
+        self.register_buffer("banned_thought_ids", torch.tensor(banned, dtype=torch.long, device=device),
+                             persistent=False)
 
     def marker_embeddings(self) -> tuple[Tensor, Tensor]:
         """(start, end), each (D,): the input vectors exactly as the model sees them."""
@@ -183,6 +200,8 @@ class QuietStar(nn.Module):
                 weight = self.mixing_head(h_base, h)
                 h = mix(h_base, h, weight)
             logits = self.model.lm_head(h).float()                                    # (.., V)
+            if sample_temperature is not None:                                        # a thought token
+                logits = logits.index_fill(-1, self.banned_thought_ids, float("-inf"))
             logp_all = (logits if temperature == 1 else logits / temperature).log_softmax(dim=-1)
             if targets is None:
                 unnormalised = (logp_all if sample_temperature == temperature else
@@ -244,38 +263,49 @@ class QuietStar(nn.Module):
                 x = self._embed(F.pad(rows[:, 1 + u:], (0, 1 + u)))
         return out
 
-    def forward(self, tokens: Tensor, loss_mask: Tensor | None = None) -> dict[str, Tensor]:
-        """tokens (B, T) -> {loss, nll_base, nll_talk, nll_thought, reinforce, reward_mean, mix_weight_mean}.
+    def forward(self, tokens: Tensor, loss_mask: Tensor | None = None, think: bool = True) -> dict[str, Tensor]:
+        """tokens (B, T) -> {loss, policy_term, nll_base, nll_thought, nll_talk, reinforce, reward_mean,
+        mix_weight_mean}; policy_term = policy_weight * reinforce is the part of loss that REINFORCE adds.
 
-        loss_mask (B, T): False for padding; a token that is False is never a target."""
+        loss_mask (B, T): False for padding; a token that is False is never a target. Documents packed into
+        one window are separated by EOS: a thought is never scored on the tokens of the next document.
+        think=False: plain next-token training, {loss = nll_base, nll_base} (no thought passes at all)."""
         cfg, (B, T) = self.config, tokens.shape
         M = cfg.n_thoughts
         target_ok = (loss_mask if loss_mask is not None else torch.ones_like(tokens, dtype=torch.bool))[:, 1:]
+        # document index of every token: x_{i+1+u} is scored after the thought at i only if no EOS lies in
+        # x_{i+1} .. x_{i+u} (predicting the EOS itself is fine; the token after it is another document)
+        eos = torch.tensor(self.model.config.eos_ids, dtype=tokens.dtype, device=tokens.device)
+        doc = torch.isin(tokens, eos).cumsum(dim=1)                                # (B, T)
         # 1. base pass, no thoughts
         h_base, cache = self._base_pass(tokens)
         logp_base, _, _ = self._head_logp(h_base[:, :-1], tokens[:, 1:], 1.0)     # (B, T-1)
         nll_base = masked_mean(-logp_base, target_ok)
+        if not think:
+            return {"loss": nll_base, "nll_base": nll_base.detach()}
         # 2. think: one thought per stream, M streams per position
         _, thought_logp = self._think(tokens, cache, M)                           # (B*M, T)
         # 3. talk: <end>, then the next N true tokens, each mixed with its base prediction
         talk = self._talk(tokens, h_base, cache, M, cfg.n_true)
         # 4. losses. Reward of a thought: sum over u of log p_mixed(x_{i+1+u}) - log p_base(x_{i+1+u})
-        ok_rows = target_ok.repeat_interleave(M, dim=0)                          # (B*M, T-1)
         base_rows = logp_base.detach().repeat_interleave(M, dim=0)
         reward = torch.zeros(B * M, T, device=tokens.device)
         nll_talk = []
         for u, (logp, _) in enumerate(talk):
-            ok = ok_rows[:, u:]
+            ok = (target_ok[:, u:] & (doc[:, u:T - 1] == doc[:, :T - 1 - u])).repeat_interleave(M, dim=0)
             nll_talk.append(masked_mean(-logp, ok))
             reward[:, :T - 1 - u] += ((logp - base_rows[:, u:]) * ok).detach()
         nll_talk = torch.stack(nll_talk).mean()
         valid = F.pad(target_ok, (0, 1)).view(B, 1, T)                          # positions with a next token
         reinforce = reinforce_loss(reward.view(B, M, T), thought_logp.view(B, M, T), valid,
                                    cfg.clip_negative_advantage)
-        loss = cfg.base_loss_weight * nll_base + (1 - cfg.base_loss_weight) * nll_talk + cfg.policy_weight * reinforce
+        policy_term = cfg.policy_weight * reinforce
+        loss = cfg.base_loss_weight * nll_base + (1 - cfg.base_loss_weight) * nll_talk + policy_term
         valid_rows = valid.expand(B, M, T).reshape(B * M, T)
+        ok_rows = target_ok.repeat_interleave(M, dim=0)
         return {
             "loss": loss,
+            "policy_term": policy_term,
             "nll_base": nll_base.detach(),                                        # next token, no thought
             "nll_thought": masked_mean(-talk[0][0], ok_rows).detach(),            # next token, after a thought
             "nll_talk": nll_talk.detach(),                                        # mean over the N true tokens

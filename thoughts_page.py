@@ -11,8 +11,9 @@ CLIP = 1.0  # |delta NLL| (nats) at which a token's colour reaches full intensit
 PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"]
 GROUPS = [("Training losses", ["loss", "nll_base", "nll_thought", "nll_talk", "reinforce"]),  # (title, keys)
           ("Reward and mixing weight", ["reward_mean", "mix_weight_mean"]),
-          ("Eval NLL with vs without thoughts",  # this chart also picks up any other "eval_*nll*" key
-           ["eval_nll_base", "eval_nll_thought", "eval_hard_nll_base", "eval_hard_nll_thought"])]
+          ("Held-out NLL: no thought, sampled, filler, shuffled",  # also picks up any other "eval_*nll*" key
+           ["eval_nll_none", "eval_nll_sampled", "eval_nll_filler", "eval_nll_shuffled"])]
+DASHES = {"_none": "5 3", "_filler": "2 2", "_shuffled": "8 3 2 3", "_base": "5 3"}  # by name suffix; else solid
 CSS = """
 body{font-family:system-ui,"Segoe UI","DejaVu Sans",sans-serif;margin:24px auto;max-width:1100px;
  padding:0 20px;color:#1f2937} h1{margin:0 0 8px;font-size:26px} figure{margin:0} figcaption{font-size:13px}
@@ -30,7 +31,8 @@ figcaption i{display:inline-block;width:18px;margin:0 4px 3px 10px;border-top:3p
 JS = """
 const put = (id, v) => { document.getElementById(id).textContent = v || '-'; };  // text only, never markup
 function show(t) { put('i-tok', JSON.stringify(t.textContent)); put('i-thought', t.dataset.thought);
-                   put('i-mix', t.dataset.mix); put('i-delta', t.dataset.delta); }
+                   put('i-mix', t.dataset.mix); put('i-delta', t.dataset.delta);
+                   put('i-filler', t.dataset.filler); }
 let pinned = null; const text = document.getElementById('text');
 text.addEventListener('mouseover', e => { const t = e.target.closest('.tok'); if (t && !pinned) show(t); });
 text.addEventListener('click', e => {  // a click pins a token's info; a second click unpins it
@@ -68,7 +70,8 @@ def _text_section(tokens):
         if t.get("thought"):  # displayed only while "show all thoughts" is ticked
             parts.append(f'<span class="th">[{_esc(t["thought"], True)}]</span>')
         parts.append(f'<span class="tok" data-thought="{_esc(t.get("thought") or "")}" '
-                     f'data-mix="{_fmt(t.get("mix_weight"))}" data-delta="{_fmt(t.get("delta_nll"))}"'
+                     f'data-mix="{_fmt(t.get("mix_weight"))}" data-delta="{_fmt(t.get("delta_nll"))}" '
+                     f'data-filler="{_fmt(t.get("delta_nll_filler"))}"'
                      f'{_bg(t.get("delta_nll"))}>{_esc(t["text"])}</span>')
     return f'<div id="text">{"".join(parts)}</div>'
 
@@ -81,11 +84,12 @@ def _top_table(tokens, k=10):
         return "<p>No token was helped by its thought.</p>"
     rows = "".join(f'<tr><td class="n">{r}</td><td class="n">{i}</td>'
                    f'<td><code>{_esc(tokens[i]["text"], True)}</code></td><td class="n">{d:.4f}</td>'
+                   f'<td class="n">{_fmt(tokens[i].get("delta_nll_filler"))}</td>'
                    f'<td class="n">{_fmt(tokens[i].get("mix_weight"))}</td>'
                    f'<td>{_esc(tokens[i].get("thought") or "", True)}</td></tr>'
                    for r, (d, i) in enumerate(best, 1))
-    return ('<table id="top"><tr><th>#</th><th>pos</th><th>token</th><th>&Delta;NLL</th><th>mix</th>'
-            f'<th>thought before it</th></tr>{rows}</table>')
+    return ('<table id="top"><tr><th>#</th><th>pos</th><th>token</th><th>&Delta;NLL</th><th>&Delta;NLL filler</th>'
+            f'<th>mix</th><th>thought before it</th></tr>{rows}</table>')
 
 
 def _axis(lo, hi, n=4, mults=(1, 2, 2.5, 5, 10)):
@@ -114,12 +118,14 @@ def _chart(title, series, w=520, h=250, left=56, right=14, top=30, bottom=40):
                    f'<text x="{px(t):.1f}" y="{h - bottom + 16}" text-anchor="middle">{t:.6g}</text>')
     out.append(f'<path d="M{left},{top}V{h - bottom}H{w - right}" fill="none" stroke="#6b7280"/>'
                f'<text x="{(left + w - right) / 2}" y="{h - 6}" text-anchor="middle">step</text>')
-    families = list(dict.fromkeys(n.replace("_base", "").replace("_thought", "") for n in series))
+    family = lambda n: n.rsplit("_", 1)[0] if n.endswith(tuple(DASHES) + ("_thought", "_sampled")) else n  # noqa: E731
+    families = list(dict.fromkeys(family(n) for n in series))
     keys = []
     for name, pts in series.items():
-        color = PALETTE[families.index(name.replace("_base", "").replace("_thought", "")) % len(PALETTE)]
-        dashed = "_base" in name
-        dash = ' stroke-dasharray="5 3"' if dashed else ""
+        color = PALETTE[families.index(family(name)) % len(PALETTE)]
+        pattern = next((d for suffix, d in DASHES.items() if name.endswith(suffix)), None)
+        dashed = pattern is not None
+        dash = f' stroke-dasharray="{pattern}"' if dashed else ""
         coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
         out.append(f'<polyline data-series="{_esc(name)}" points="{coords}" fill="none" stroke="{color}" '
                    f'stroke-width="1.8"{dash}><title>{_esc(name)}</title></polyline>')
@@ -144,8 +150,10 @@ def _curves_section(metrics):
 def render_page(tokens, metrics=None, title="Quiet-STaR thoughts"):
     """The whole page as one HTML string."""
     ds = [t["delta_nll"] for t in tokens if _finite(t.get("delta_nll"))]
+    fs = [t["delta_nll_filler"] for t in tokens if _finite(t.get("delta_nll_filler"))]
     summary = (f"{len(tokens)} tokens; mean &Delta;NLL {sum(ds) / len(ds):+.4f} nats; the thought helped "
                f"{sum(d < 0 for d in ds)} of {len(ds)} predicted tokens." if ds else "")
+    summary += f" A filler thought: mean &Delta;NLL {sum(fs) / len(fs):+.4f} nats." if fs else ""
     scale = "".join(f"<span{_bg(d)}>{d:+g}</span>" for d in (-1, -0.5, -0.1, 0.1, 0.5, 1))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title><style>{CSS}</style></head>
@@ -154,12 +162,15 @@ def render_page(tokens, metrics=None, title="Quiet-STaR thoughts"):
 mixing its post-thought prediction with the plain one through a learned mixing weight. Each token is coloured
 by &Delta;NLL = NLL with the thought &minus; NLL without it: <b>green</b> means the thought helped, <b>red</b>
 that it hurt, full colour at &plusmn;{CLIP:g} nat (<span class="scale">{scale}</span>). Hover over or click a
-token to see its thought, mixing weight and &Delta;NLL in the box at the bottom right. {summary}</p>
+token to see its thought, mixing weight and &Delta;NLL in the box at the bottom right, next to the &Delta;NLL of a
+<i>filler</i> thought of the same length ("." repeated): where the two are alike, the thought's content did not
+matter, only its presence. {summary}</p>
 <label><input type="checkbox" id="showall"> show all thoughts (dimmed, in brackets, before each token)</label>
 <h2>Text</h2>{_text_section(tokens)}
 <div id="info"><b>token</b> <span id="i-tok">hover or click a token</span>
 <b>thought</b> <span id="i-thought"></span>
-<b>mixing weight</b> <span id="i-mix"></span>   <b>&Delta;NLL (nats)</b> <span id="i-delta"></span></div>
+<b>mixing weight</b> <span id="i-mix"></span>   <b>&Delta;NLL (nats)</b> <span id="i-delta"></span>
+<b>&Delta;NLL with a filler thought</b> <span id="i-filler"></span></div>
 <h2>Where the thoughts helped most</h2>{_top_table(tokens)}
 <h2>Training curves</h2>{_curves_section(metrics)}
 <script>{JS}</script></body></html>

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import TokenWindows, arithmetic_texts, read_texts
+from data import TokenWindows, arithmetic_texts, bare_answer_spans, read_texts
+from eval import filler_token_id
 from model import load_pretrained
 from qstar import QuietStar, QuietStarConfig
 
@@ -31,6 +32,7 @@ class TrainConfig:
     preset: str = "cpu"             # cpu: the quick start below; paper: Mistral-7B with the official settings
     model: str = "smollm2-135m"     # built-in short name, a local Hugging Face folder or a Hub id
     data: str = "arithmetic"        # arithmetic (built in) | a .txt or .jsonl file | a Hub dataset name
+    bare_fraction: float = 0.0      # arithmetic: the fraction of problems answered bare ("A: 47.") instead of worked
     out_dir: str = "out"            # checkpoint (Hugging Face layout), metrics.jsonl, thoughts.html
     resume: bool = False            # continue the run saved in out_dir
     max_steps: int = 40             # optimizer steps
@@ -45,7 +47,10 @@ class TrainConfig:
     grad_clip: float = 1.0          # global gradient-norm clip
     eval_interval: int = 20         # steps between held-out evaluations (also at the start and the end)
     eval_windows: int = 8           # held-out windows per evaluation
+    eval_answers: int = 32          # held-out bare answers per evaluation (arithmetic with bare_fraction > 0)
     save_interval: int = 20         # steps between checkpoints (also at the end and on Ctrl-C)
+    plain_steps: int = 0            # the first steps train next-token prediction only (no thoughts): cheap format learning
+    plain_batch_size: int = 0       # windows per micro-batch in those steps; 0 = batch_size
     lora_rank: int = 0              # 0 = full fine-tuning; > 0 = LoRA adapters on the base model
     lora_alpha: float = 32.0        # LoRA scale alpha / rank
     device: str = "auto"            # auto = cuda if available, else cpu
@@ -149,16 +154,27 @@ def checkpoint_step(out_dir: Path) -> int | None:
 # ---- evaluation ------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(qs: QuietStar, windows: np.ndarray, device, autocast, seed: int) -> dict[str, float]:
-    """Held-out NLL of the next token without and with a thought (same tokens, one sampled thought each),
-    overall and on the hardest decile of tokens by base loss."""
-    from eval import nll_with_and_without_thoughts
+def evaluate(qs: QuietStar, val: dict, filler_id: int, device, autocast, seed: int) -> dict:
+    """Held-out NLL of the next token with no thought, the sampled thought and the two controls (eval.py says
+    why), on consecutive windows (all tokens and the hardest 10%) and on windows aligned on the focus tokens."""
+    from eval import PREDICTORS, compare_thoughts, score_thoughts
     qs.eval()
     torch.manual_seed(seed)
+    row = {}
     with autocast():
-        result = nll_with_and_without_thoughts(qs, torch.from_numpy(windows).to(device), batch_size=4)
+        for name, (windows, focus) in val.items():
+            scores = score_thoughts(qs, torch.from_numpy(windows).to(device), filler_id, batch_size=4)
+            result = compare_thoughts(scores, torch.from_numpy(focus[:, 1:]) if name == "answer" else None)
+            subsets = {"answer": "focus"} if name == "answer" else {"": "all", "hard": "hard"}
+            for prefix, subset in subsets.items():
+                if subset in result:
+                    key = f"eval_{prefix}_" if prefix else "eval_"
+                    row |= {f"{key}nll_{p}": round(result[subset]["nll"][p], 6) for p in PREDICTORS}
+                    row[f"{key}diff"] = {k: [round(x, 6) for x in v] for k, v in result[subset]["diff"].items()}
+            if name == "text":
+                row["eval_mix_weight"] = round(result["mix_weight"], 6)
     qs.train()
-    return {f"eval_{k}": v for k, v in result.items() if k != "n_tokens"}
+    return row
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -207,14 +223,21 @@ def main(argv: list[str]) -> int:
 
     # ---- data
     eos = (model.config.eos_ids or [None])[0]                   # documents are separated by EOS when there is one
+    focus = None
     if cfg.data == "arithmetic":
-        train_texts, val_texts = arithmetic_texts(4000, seed=cfg.seed), arithmetic_texts(200, seed=cfg.seed + 1)
+        train_texts = arithmetic_texts(4000, seed=cfg.seed, bare_fraction=cfg.bare_fraction)
+        val_texts = arithmetic_texts(400, seed=cfg.seed + 1, bare_fraction=cfg.bare_fraction)
+        focus = bare_answer_spans if cfg.bare_fraction > 0 else None
     else:
         texts = read_texts(cfg.data)
         n_val = max(1, len(texts) // 20)
         train_texts, val_texts = texts[:-n_val], texts[-n_val:]
     train_data = TokenWindows(train_texts, tokenizer, cfg.seq_len, eos, cfg.seed)
-    val_windows = TokenWindows(val_texts, tokenizer, cfg.seq_len, eos, cfg.seed).windows(cfg.eval_windows)
+    val_stream = TokenWindows(val_texts, tokenizer, cfg.seq_len, eos, cfg.seed, focus=focus)
+    val = {"text": val_stream.windows(cfg.eval_windows)}
+    if focus is not None:
+        val["answer"] = val_stream.focus_windows(cfg.eval_answers)
+    filler_id = filler_token_id(tokenizer)
 
     # ---- optimizer: three groups, because the markers and the mixing head start from scratch
     markers, mixing = list(qs.markers.parameters()), list(qs.mixing_head.parameters())
@@ -250,8 +273,8 @@ def main(argv: list[str]) -> int:
           f"on {device}{' (bf16 autocast)' if use_bf16 else ''}; data {cfg.data}: {len(train_data.tokens):,} "
           f"tokens; thoughts: {qcfg.n_thoughts} x {qcfg.thought_len} tokens, scored on {qcfg.n_true} true tokens")
     if start_step == 0:
-        log({"step": 0} | evaluate(qs, val_windows, device, autocast, cfg.seed))
-        print("before training:", format_eval(rows[-1]))
+        log({"step": 0} | evaluate(qs, val, filler_id, device, autocast, cfg.seed))
+        print("before training:\n    " + format_eval(rows[-1]))
 
     # ---- Ctrl-C: finish the step, save, exit. A second Ctrl-C stops at once.
     stop = {"requested": False}
@@ -265,40 +288,48 @@ def main(argv: list[str]) -> int:
 
     # ---- loop
     from tqdm import tqdm
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, unit="step",
                dynamic_ncols=True)
     started, step = time.time(), start_step
     try:
         for step in bar:
             t0 = time.time()
-            lr_scale = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            thinking = step >= cfg.plain_steps          # the first plain_steps: next-token training only
+            batch_size = cfg.batch_size if thinking else cfg.plain_batch_size or cfg.batch_size
+            phase_step = step - (cfg.plain_steps if thinking else 0)
+            lr_scale = min(1.0, (phase_step + 1) / max(1, cfg.warmup_steps))   # each phase warms up
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_scale
-            parts = {}
+            parts, split = {}, {}
             for micro in range(cfg.grad_accum):
                 torch.manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + micro)  # resumable sampling
-                tokens = torch.from_numpy(train_data.batch(step * cfg.grad_accum + micro, cfg.batch_size)).to(device)
+                tokens = torch.from_numpy(train_data.batch(step * cfg.grad_accum + micro, batch_size)).to(device)
                 with autocast():
-                    out = qs(tokens)
+                    out = qs(tokens, think=thinking)
                 if not torch.isfinite(out["loss"]):
                     return stop_on_nan(step + 1, out, out_dir, checkpoint_step(out_dir))
+                if thinking and micro == 0 and (step + 1) % cfg.eval_interval == 0:
+                    split = gradient_split(qs, out)
                 (out["loss"] / cfg.grad_accum).backward()
                 for k, v in out.items():
-                    parts[k] = parts.get(k, 0.0) + v.item() / cfg.grad_accum
+                    if k != "policy_term":
+                        parts[k] = parts.get(k, 0.0) + v.item() / cfg.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(qs.parameters(), cfg.grad_clip)
             if not torch.isfinite(grad_norm):
                 return stop_on_nan(step + 1, {"grad_norm": grad_norm}, out_dir, checkpoint_step(out_dir))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            row = {"step": done, **{k: round(v, 6) for k, v in parts.items()}, "grad_norm": round(grad_norm.item(), 4),
-                   "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tokens_per_step / (time.time() - t0), 1)}
+            drift = qs.markers.drift()
+            row = {"step": done, "phase": "think" if thinking else "plain", **{k: round(v, 6) for k, v in parts.items()},
+                   **split, "grad_norm": round(grad_norm.item(), 4), "lr": optimizer.param_groups[0]["lr"],
+                   "marker_drift_start": round(drift[0], 6), "marker_drift_end": round(drift[1], 6),
+                   "tokens_per_s": round(batch_size * cfg.grad_accum * cfg.seq_len / (time.time() - t0), 1)}
             if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-                row |= evaluate(qs, val_windows, device, autocast, cfg.seed)
+                row |= evaluate(qs, val, filler_id, device, autocast, cfg.seed)
             log(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row['reward_mean']:+.3f}",
-                            mix=f"{row['mix_weight_mean']:+.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row.get('reward_mean', 0):+.3f}",
+                            mix=f"{row.get('mix_weight_mean', 0):+.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if done % cfg.save_interval == 0 or done == cfg.max_steps or stop["requested"]:
                 save_checkpoint(out_dir, qs, tokenizer, optimizer, done, cfg, qcfg)
             if stop["requested"]:
@@ -314,10 +345,21 @@ def main(argv: list[str]) -> int:
     from eval import thought_records
     from thoughts_page import write_thoughts_page
     torch.manual_seed(cfg.seed)
-    records = thought_records(qs, tokenizer, torch.from_numpy(val_windows[0]).to(device))
+    records = thought_records(qs, tokenizer, torch.from_numpy(val['text'][0][0]).to(device), filler_id)
     page = write_thoughts_page(out_dir / "thoughts.html", records, rows, title=f"Quiet-STaR thoughts: {cfg.model}")
-    print_summary(rows, time.time() - started, step + 1 - start_step, tokens_per_step, out_dir, page)
+    print_summary(rows, time.time() - started, step + 1 - start_step, out_dir, page)
     return 0
+
+
+def gradient_split(qs: QuietStar, out: dict) -> dict:
+    """Norms of the base model's gradient from the NLL terms and from the REINFORCE term, separately: how strongly
+    the way thoughts are produced is trained, against next-token prediction. Two extra backward passes."""
+    trunk = [p for p in qs.model.parameters() if p.requires_grad]
+    norms = {}
+    for name, part in (("grad_norm_nll", out["loss"] - out["policy_term"]), ("grad_norm_reinforce", out["policy_term"])):
+        grads = torch.autograd.grad(part, trunk, retain_graph=True, allow_unused=True)
+        norms[name] = round(torch.norm(torch.stack([g.norm() for g in grads if g is not None])).item(), 6)
+    return norms
 
 
 def stop_on_nan(step: int, parts: dict, out_dir: Path, last_good: int | None) -> int:
@@ -329,16 +371,24 @@ def stop_on_nan(step: int, parts: dict, out_dir: Path, last_good: int | None) ->
 
 
 def format_eval(row: dict) -> str:
-    return (f"held-out NLL without / with thoughts {row['eval_nll_base']:.4f} / {row['eval_nll_thought']:.4f}; "
-            f"hardest 10% of tokens {row['eval_hard_nll_base']:.4f} / {row['eval_hard_nll_thought']:.4f}")
+    """One line per token set: NLL none / sampled / filler / shuffled, then sampled minus each, with 95% CIs."""
+    lines = []
+    for prefix, label in (("eval_", "all tokens"), ("eval_hard_", "hardest 10%"), ("eval_answer_", "bare answers")):
+        if f"{prefix}nll_none" not in row:
+            continue
+        nlls = " / ".join(f"{row[f'{prefix}nll_{p}']:.4f}" for p in ("none", "sampled", "filler", "shuffled"))
+        diffs = ", ".join(f"{k.split('-')[1]} {m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for k, (m, lo, hi) in row[f"{prefix}diff"].items())
+        lines.append(f"{label:>12}: NLL none / sampled / filler / shuffled {nlls}; sampled minus: {diffs}")
+    return "\n    ".join(lines)
 
 
-def print_summary(rows, seconds, steps, tokens_per_step, out_dir, page):
-    evals = [r for r in rows if "eval_nll_base" in r]
+def print_summary(rows, seconds, steps, out_dir, page):
+    evals = [r for r in rows if "eval_nll_none" in r]
     last = rows[-1]
-    print(f"\n{steps} steps in {seconds / 60:.1f} min ({steps * tokens_per_step / seconds:.0f} tokens/s)")
-    print(f"  first eval: {format_eval(evals[0])}")
-    print(f"  last eval:  {format_eval(evals[-1])}")
+    plain = sum(r.get("phase") == "plain" for r in rows)
+    print(f"\n{steps} steps ({plain} plain, {steps - plain} thinking) in {seconds / 60:.1f} min")
+    print(f"  first eval:\n    {format_eval(evals[0])}")
+    print(f"  last eval:\n    {format_eval(evals[-1])}")
     if "reward_mean" in last:
         print(f"  last step:  loss {last['loss']:.4f}, reward {last['reward_mean']:+.4f}, "
               f"mixing weight {last['mix_weight_mean']:+.4f}")

@@ -1,8 +1,9 @@
-"""eval.py and generate.py on a tiny model: scores against values computed by hand from the model's own logits,
+"""eval.py and generate.py on a tiny model: scores against values computed by hand from the specification,
 zero mixing = no thoughts, generation never emits a marker and equals model.generate without thinking,
 the JSON output, and clear errors."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -37,12 +38,63 @@ def tiny_qstar():
     return qs.eval(), tokenizer
 
 
+# The official allowed sets, from the specification (reference doc section 5.1: the answer symbols' own tokens
+# and the newline, nothing else), written out for SmolLM2's vocabulary: digits are ids 32-41 ("0".."9"), the
+# letters are " A" 330, " B" 389, " C" 340, " D" 422, " E" 414, and the newline is 198.
+SPEC_ALLOWED = {"gsm8k": list(range(32, 42)) + [198], "csqa": [330, 389, 340, 422, 414, 198]}
+
+
+def test_allowed_tokens_are_the_answer_symbols_and_the_newline():
+    _, tokenizer = load_pretrained("smollm2-135m")
+    for task, symbols in (("gsm8k", "0123456789"), ("csqa", "ABCDE")):
+        allowed = qeval.allowed_token_ids(tokenizer, symbols).tolist()
+        assert sorted(allowed) == sorted(SPEC_ALLOWED[task])
+        assert sorted(tokenizer.decode([i]).strip() or tokenizer.decode([i]) for i in allowed) == \
+            sorted(["\n", *symbols])
+        assert 216 not in allowed and 0 not in allowed                  # the lone space, a special token
+
+
+def test_soft_score_by_hand():
+    """Vocabulary of 6, allowed {1, 3, 5}; answer tokens at positions 2, 3, 4 of ids [0, 2, 1, 3, 5]."""
+    ln = torch.tensor([2.0, 3.0]).log()
+    logits = torch.full((5, 6), 50.0)                                          # disallowed ids: ignored
+    logits[1, [1, 3, 5]] = torch.tensor([ln[0], 0, 0])                        # p(1) = 2 / 4
+    logits[2, [1, 3, 5]] = torch.tensor([0, ln[1], 0])                        # p(3) = 3 / 5
+    logits[3, [1, 3, 5]] = torch.tensor([0, 0, ln[0]])                        # p(5) = 2 / 4
+    soft, exact = qeval.soft_score(logits, [0, 2, 1, 3, 5], [2, 3, 4], torch.tensor([1, 3, 5]))
+    assert soft == pytest.approx(0.5 * 0.6 * 0.5) and exact
+    logits[3, 1] = 5.0                                                          # now 1 beats the gold 5
+    soft, exact = qeval.soft_score(logits, [0, 2, 1, 3, 5], [2, 3, 4], torch.tensor([1, 3, 5]))
+    assert soft == pytest.approx(0.5 * 0.6 * 2 / (math.exp(5) + 1 + 2)) and not exact
+    assert qeval.soft_score(logits, [0, 2, 1, 3, 5], [], torch.tensor([1, 3, 5])) == (0.0, False)
+
+
+def test_answer_scores_on_uniform_logits_count_the_scored_tokens(tiny_qstar):
+    """With every logit equal, each scored token has probability 1 / (allowed set size): the score is
+    (1/11)^(digits + newline) for GSM8K ("1,000": the comma is skipped) and (1/6)^2 for CommonsenseQA."""
+    qs, tokenizer = tiny_qstar
+    weight = qs.model.lm_head.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.zero_()
+    try:
+        rows = GSM8K_ROWS + [{"question": "How many grams in a kilogram?", "answer": "#### 1,000"}]
+        result = qeval.answer_scores(qs, tokenizer, "gsm8k", rows, batch_size=3)
+        expected = (11.0 ** -2 + 11.0 ** -3 + 11.0 ** -3 + 11.0 ** -5) / 4         # "7", "24", "42", "1,000"
+        for side in ("no_thoughts", "thoughts"):
+            assert result[side]["soft"] == pytest.approx(expected, rel=1e-5)
+        result = qeval.answer_scores(qs, tokenizer, "csqa", CSQA_ROWS, batch_size=2)
+        assert result["no_thoughts"]["soft"] == pytest.approx(1 / 36, rel=1e-5)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
 def by_hand(qs, tokenizer, task, rows, force_weight=None):
-    """The official score computed the long way: plain forward logits (no thoughts), or the logits after the
-    same sampled thoughts with the mixing weight forced to `force_weight` = 1 (pure post-thought)."""
-    symbols = "0123456789" if task == "gsm8k" else "ABCDE"
-    allowed = [i for i in range(tokenizer.get_vocab_size())
-               if tokenizer.decode([i]).lstrip(" ") in symbols or tokenizer.decode([i]) == "\n"]
+    """The official score computed the long way from the specification: plain forward logits (no thoughts), or
+    the logits after the same sampled thoughts with the mixing weight forced to 1 (pure post-thought); every
+    answer token in SPEC_ALLOWED scored from the previous position, renormalised over SPEC_ALLOWED."""
+    allowed = SPEC_ALLOWED[task]
     torch.manual_seed(0)
     scores = []
     for row in rows:
@@ -89,9 +141,54 @@ def test_zero_mixing_weight_gives_the_no_thought_scores(tiny_qstar, monkeypatch)
     for task, rows in (("gsm8k", GSM8K_ROWS), ("csqa", CSQA_ROWS)):
         result = qeval.answer_scores(qs, tokenizer, task, rows)
         assert result["thoughts"] == result["no_thoughts"]
-    windows = torch.randint(0, 1000, (3, 16))
-    nll = qeval.nll_with_and_without_thoughts(qs, windows, batch_size=2)
-    assert nll["nll_thought"] == nll["nll_base"] and nll["hard_nll_thought"] == nll["hard_nll_base"]
+    scores = qeval.score_thoughts(qs, torch.randint(0, 1000, (3, 16)), filler_id=13, batch_size=2)
+    for p in qeval.PREDICTORS:
+        assert torch.equal(scores[p], scores["none"])
+
+
+# ---- the controls: filler and shuffled thoughts, paired intervals, hard tokens -------------------------------
+
+def test_controls_are_the_filler_and_another_windows_thought(tiny_qstar):
+    qs, tokenizer = tiny_qstar
+    windows = torch.randint(0, 1000, (3, 10))
+    torch.manual_seed(5)
+    scores = qeval.score_thoughts(qs, windows, filler_id=13, batch_size=2)
+    torch.manual_seed(5)                                  # the same samples: one batch of 2, then one of 1
+    sampled = torch.cat([qs.token_scores(windows[:2])["thought_ids"], qs.token_scores(windows[2:])["thought_ids"]])
+    filler = torch.full_like(sampled, 13)
+    assert torch.allclose(scores["filler"], qs.token_scores(windows, filler)["nll_thought"], atol=1e-5)
+    donors = sampled[[1, 2, 0]]                           # window n gets window n+1's thoughts
+    assert torch.allclose(scores["shuffled"], qs.token_scores(windows, donors)["nll_thought"], atol=1e-5)
+    assert torch.allclose(scores["sampled"], qs.token_scores(windows, sampled)["nll_thought"], atol=1e-5)
+    assert not torch.allclose(scores["sampled"], scores["filler"])
+    single = qeval.donor_thoughts(sampled[:1])           # one window: the thought half a window away
+    assert torch.equal(single[0, 5], sampled[0, 0]) and torch.equal(single[0, 0], sampled[0, 5])
+
+
+def test_paired_difference_by_hand():
+    """Three windows: differences (1, 1), (4) and no token. Token-weighted mean (1 + 1 + 4) / 3 = 2; resampling
+    windows, the 2.5% / 97.5% quantiles are 1 (window 0 alone, probability 1/4) and 4 (window 1 alone)."""
+    a = torch.tensor([[1.0, 1.0, 9.0], [4.0, 9.0, 9.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])
+    mean, low, high = qeval.paired_difference(a, torch.zeros_like(a), mask, n_boot=4000)
+    assert (mean, low, high) == (pytest.approx(2.0), pytest.approx(1.0), pytest.approx(4.0))
+    assert all(math.isnan(x) for x in qeval.paired_difference(a, a, torch.zeros_like(mask)))
+
+
+def test_hard_tokens_do_not_flatter_a_thought_that_is_pure_noise():
+    """Every predictor is the same true difficulty plus its own independent noise: no thought helps. Chosen by the
+    mean of the predictors, the hardest 10% show no difference; chosen by the no-thought NLL, as the paper's
+    "difficult tokens" are, the same data would show a large false gain (the test has the power to fail)."""
+    g = torch.Generator().manual_seed(0)
+    difficulty = torch.rand(200, 64, generator=g) ** 3 * 8                        # many easy, a few hard tokens
+    nll = {p: (difficulty + torch.randn(200, 64, generator=g)).clamp(min=0) for p in qeval.PREDICTORS}
+    comparison = qeval.compare_thoughts(nll, n_boot=1000)
+    for low_high in comparison["hard"]["diff"].values():
+        assert low_high[1] < 0 < low_high[2]
+    everything = torch.ones(200, 64, dtype=torch.bool)
+    by_base = everything & (nll["none"] >= nll["none"].quantile(0.9))
+    mean, _, high = qeval.paired_difference(nll["sampled"], nll["none"], by_base)
+    assert high < -0.3
 
 
 def test_generation_with_thinking_never_emits_a_marker(tiny_qstar):
@@ -151,7 +248,11 @@ def test_eval_cli_writes_json_with_both_sides(tiny_qstar, tmp_path, monkeypatch,
     text.write_text(json.dumps({"text": "one two three four five six seven eight nine ten " * 8}) + "\n")
     assert qeval.main(["--task=nll", f"--data={text}", f"--out={out}", "--seq_len=16"]) == 0
     result = json.loads(out.read_text())
-    assert set(result["no_thoughts"]) == {"nll", "hard_nll"} and "mix_weight" in result["thoughts"]
+    assert set(result["text"]["all"]["nll"]) == set(qeval.PREDICTORS) and "answers" not in result
+    assert set(result["text"]["hard"]["diff"]) == {"sampled-none", "sampled-filler", "sampled-shuffled"}
+    assert qeval.main(["--task=nll", "--data=arithmetic", "--limit=12", f"--out={out}", "--seq_len=32"]) == 0
+    result = json.loads(out.read_text())
+    assert result["answers"]["focus"]["n_windows"] >= 3 and "sampled-shuffled" in result["answers"]["focus"]["diff"]
     assert qeval.main(["--task=gsm8k_gen", f"--data={data}", "--limit=1", "--max_new_tokens=3", f"--out={out}"]) == 0
     result = json.loads(out.read_text())
     assert {"exact", "n", "tokens_per_s", "examples"} == set(result["thoughts"]) == set(result["no_thoughts"])

@@ -17,7 +17,7 @@ from qstar import QuietStar
 
 STEP_KEYS = {"step", "loss", "nll_base", "nll_thought", "nll_talk", "reinforce", "reward_mean", "mix_weight_mean",
              "grad_norm", "lr", "tokens_per_s"}
-EVAL_KEYS = {"eval_nll_base", "eval_nll_thought", "eval_hard_nll_base", "eval_hard_nll_thought"}
+EVAL_KEYS = {f"eval_{s}nll_{p}" for s in ("", "hard_") for p in ("none", "sampled", "filler", "shuffled")} | {"eval_diff", "eval_hard_diff"}
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,7 @@ def test_end_to_end_run_writes_metrics_checkpoint_and_thoughts(tiny_dir, tmp_pat
     assert all(STEP_KEYS <= r.keys() for r in rows[1:])
     assert EVAL_KEYS <= rows[2].keys() and EVAL_KEYS <= rows[4].keys()
     summary = capsys.readouterr().out
-    assert "4 steps in" in summary and "last eval:" in summary
+    assert "4 steps (0 plain, 4 thinking) in" in summary and "last eval:" in summary
     # the checkpoint: Hugging Face layout for our loader (and transformers), plus the Quiet-STaR parts
     model, _ = load_pretrained(tmp_path)
     qs, _ = QuietStar.from_pretrained(tmp_path)
