@@ -1,8 +1,8 @@
 """Attention masks for plain decoding and for parallel thoughts, as pure functions.
 
 Every mask is a bool tensor, True = the query may attend to the key. Rows are queries, columns are keys.
-These are the readable reference: the fast path in thought_attention.py never builds them, and the tests
-prove the two agree.
+These are the readable reference: the fast path (thought_cache.ThoughtCache) never builds them, and the
+tests prove the two agree.
 
 Position convention for thoughts (one thought stream per real position i, all streams in parallel):
     real token x_i                    position i

@@ -19,12 +19,13 @@ its own. Random weights: speed does not depend on their values. The last line pr
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import torch
+
+import gpu
 
 SIZES = {
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=160),
@@ -53,9 +54,7 @@ class Tokenizer1:
 
 def peak_memory(device) -> float:
     """GiB: the allocator's peak on GPU, the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # ru_maxrss is in KiB on Linux
+    return gpu.peak_gib(device)
 
 
 def timed(fn, device, repeats: int, warmup: bool = True) -> float:
@@ -64,12 +63,10 @@ def timed(fn, device, repeats: int, warmup: bool = True) -> float:
         fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        gpu.synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        gpu.synchronize(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -92,8 +89,7 @@ def measure_step(size: str, n: int, k: int, t: int, P: int, checkpointing: bool,
         optimizer.zero_grad(set_to_none=True)
     plain_times = [timed(plain_step, device, repeats)]
     plain_memory = peak_memory(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    gpu.reset_peak(device)
 
     qs = QuietStar(model, QuietStarConfig(thought_len=k - 3, n_true=t, n_thoughts=P, marker_init="x",
                                           activation_checkpointing=checkpointing), Tokenizer1()).to(device)

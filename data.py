@@ -71,6 +71,15 @@ def gsm8k_text(row: dict) -> str:
     return f"Q: {row['question']}\nA: {answer}\n"
 
 
+def document_text(row: dict, where: str) -> str:
+    """A data row's document: its "text", or a GSM8K question and answer as one worked problem."""
+    if isinstance(row.get("text"), str):
+        return row["text"]
+    if {"question", "answer"} <= row.keys():
+        return gsm8k_text(row)
+    raise ValueError(f"{where}: a row needs a 'text' field (or GSM8K's 'question' and 'answer'); it has {sorted(row)}")
+
+
 def read_texts(spec: str, limit: int | None = None) -> list[str]:
     """Documents from `spec`: "arithmetic", a .txt file (blank-line separated), a .jsonl file (a "text"
     field, or GSM8K's question/answer), or a Hub dataset name (needs the `datasets` library)."""
@@ -84,14 +93,13 @@ def read_texts(spec: str, limit: int | None = None) -> list[str]:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if "text" in row:
-                docs.append(row["text"])
-            elif {"question", "answer"} <= row.keys():
-                docs.append(gsm8k_text(row))
-            else:
-                raise ValueError(f"{path}:{number}: a row needs a 'text' field (or GSM8K's 'question' and "
-                                 f"'answer'); it has {sorted(row)}")
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: a line must be a JSON object, got {type(row).__name__}")
+            docs.append(document_text(row, f"{path}:{number}"))
             if limit and len(docs) >= limit:
                 break
     elif path.suffix in (".txt", ".jsonl") or spec.startswith((".", "/", "~")):
@@ -99,7 +107,7 @@ def read_texts(spec: str, limit: int | None = None) -> list[str]:
     else:
         docs = read_hub_dataset(spec, limit or 2000)
     if not docs:
-        raise ValueError(f"no documents in {spec!r}")
+        raise ValueError(f"--data {spec}: the file holds no documents")
     return docs[:limit] if limit else docs
 
 
@@ -114,7 +122,7 @@ def read_hub_dataset(name: str, limit: int) -> list[str]:
         stream = datasets.load_dataset(name, split="train", streaming=True)
         return [row["text"] for row, _ in zip(stream, range(limit))]
     except Exception as e:
-        raise RuntimeError(f"could not read Hub dataset {name!r} ({type(e).__name__}: {e}). Without network, "
+        raise OSError(f"could not read Hub dataset {name!r} ({type(e).__name__}: {e}). Without network, "
                            "pass a local .txt or .jsonl file instead, e.g. --data=../shared/data/c4/...") from None
 
 
@@ -125,7 +133,8 @@ class TokenWindows:
     focus(text) -> character spans marks the tokens an evaluation is about (bare answers' digits); `focus` is
     the (n_tokens,) bool array of those tokens."""
 
-    def __init__(self, texts: list[str], tokenizer, seq_len: int, eos_id: int | None, seed: int, focus=None):
+    def __init__(self, texts: list[str], tokenizer, seq_len: int, eos_id: int | None, seed: int, focus=None,
+                 name: str = "the text"):
         ids, marks = [], []
         for text in texts:
             encoding = tokenizer.encode(text)
@@ -137,7 +146,8 @@ class TokenWindows:
                 marks.append(False)
         self.tokens, self.focus = np.array(ids, dtype=np.int64), np.array(marks, dtype=bool)
         if len(self.tokens) < seq_len + 1:
-            raise ValueError(f"only {len(self.tokens)} tokens of text; need at least seq_len + 1 = {seq_len + 1}")
+            raise ValueError(f"{name} has only {len(self.tokens)} tokens; a window needs seq_len + 1 = {seq_len + 1} "
+                             "(give more text or a smaller --seq_len)")
         self.seq_len, self.seed = seq_len, seed
 
     def batch(self, step: int, batch_size: int) -> np.ndarray:

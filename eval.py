@@ -1,22 +1,28 @@
-"""Evaluate a checkpoint with and without thoughts, on the same questions, side by side.
+"""Evaluate a checkpoint with and without thoughts, on the same questions or tokens, side by side.
 
-    python eval.py --model=out --task=gsm8k --data=../shared/data/gsm8k/test.jsonl --limit=200 --out=gsm8k.json
-    python eval.py --model=out --task=csqa  --data=../shared/data/commonsense_qa/validation.jsonl --limit=200
-    python eval.py --model=out --task=gsm8k_gen --data=../shared/data/gsm8k/test.jsonl --limit=20 --votes=1
-    python eval.py --model=out --task=nll   --data=../shared/data/c4/c4_en_sample_900.jsonl --limit=50
+    python eval.py --model out --task nll --data arithmetic                   # held-out problems, with controls
+    python eval.py --model out --task nll --data ../shared/data/c4/c4_en_sample_900.jsonl --limit 50
+    python eval.py --model out --task gsm8k --data ../shared/data/gsm8k/test.jsonl --limit 200 --out gsm8k.json
+    python eval.py --model out --task csqa --data ../shared/data/commonsense_qa/validation.jsonl --limit 200
+    python eval.py --model out --task gsm8k_gen --data ../shared/data/gsm8k/test.jsonl --limit 20 --votes 1
+    python eval.py --model out --task thoughts --data arithmetic              # the thoughts page
 
-Tasks (reference doc section 5):
-  gsm8k, csqa  the official protocol: "Q: ...\\nA: <answer>\\n", the teacher-forced probability of the gold
-               answer tokens, each renormalised over the allowed answer tokens (digits and newline; A-E and
-               newline), multiplied over the answer ("soft"); "exact" counts answers whose every token is the
-               most likely allowed one. With thoughts: one sampled thought before every token, mixed.
+Tasks:
+  nll          held-out text, each next token scored four ways: no thought, the sampled thought, a filler
+               thought ("." repeated) and a thought sampled for another window; the paired differences with 95%
+               bootstrap intervals over windows, on all tokens and on the hardest 10% (ranked by the mean NLL of
+               the four, so that no side is flattered). --data arithmetic: built-in problems from a seed no
+               training run uses, --bare_fraction of them answered bare; their answer digits are scored again
+               on windows aligned on them ("focus").
+  gsm8k, csqa  the official protocol (docs/official_code.md): "Q: ...\nA: <answer>\n", the teacher-forced
+               probability of the gold answer tokens, each renormalised over the allowed tokens (the digits' or
+               letters' own tokens and the newline), multiplied over the answer ("soft"); "exact" counts answers
+               whose every token is the most likely allowed one. With thoughts: one sampled thought before every
+               token, mixed.
   gsm8k_gen    zero-shot "Let's think step by step", then "Therefore, the answer (arabic numerals) is", the
                first integer against the gold one; optional majority vote over --votes samples.
-  nll          held-out text: mean next-token NLL without / with thoughts, overall and on the hardest 10%
-               of tokens by base NLL (the paper's difficult tokens).
-  thoughts     the thoughts page (thoughts_page.py) for the first --seq_len tokens of --data ("arithmetic"
-               or a .txt/.jsonl file), with the training curves of <model>/metrics.jsonl if there is one:
-               python eval.py --model=out --task=thoughts --data=arithmetic --out=out/thoughts.html
+  thoughts     the thoughts page (thoughts_page.py) for the first --seq_len tokens of --data ("arithmetic" or a
+               .txt/.jsonl file), with the training curves of <model>/metrics.jsonl if there is one.
 """
 
 import argparse
@@ -31,7 +37,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import TokenWindows, arithmetic_texts, bare_answer_spans, gsm8k_text
+from cli import Parser, UsageError, add_model_options, at_least, check_writable, fail, load_model
+from data import TokenWindows, arithmetic_texts, bare_answer_spans, document_text, read_texts
 from qstar import QuietStar
 
 TASKS = ("gsm8k", "csqa", "gsm8k_gen", "nll", "thoughts")
@@ -45,7 +52,15 @@ def read_rows(task: str, data: str, limit: int | None) -> list[dict]:
     """Rows of a local .jsonl file, or of the task's Hub dataset when `data` names it (needs `datasets`)."""
     path = Path(data).expanduser()
     if path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+                if not isinstance(rows[-1], dict):
+                    raise ValueError(f"{path}:{number}: a line must be a JSON object")
     elif data in ("hub", *(spec[0] for spec in HUB_DATASETS.values())) and task in HUB_DATASETS:
         import datasets
         name, config, split = HUB_DATASETS[task]
@@ -53,10 +68,14 @@ def read_rows(task: str, data: str, limit: int | None) -> list[dict]:
     else:
         raise FileNotFoundError(f"--data {data!r} is not a file. Here the data is in ../shared/data "
                                 f"(gsm8k/test.jsonl, commonsense_qa/validation.jsonl, c4/c4_en_sample_900.jsonl)")
+    if not rows:
+        raise ValueError(f"--data {data}: the file holds no rows")
     needed = {"gsm8k": {"question", "answer"}, "gsm8k_gen": {"question", "answer"},
               "csqa": {"question", "choices", "answerKey"}}.get(task, set())
-    if rows and not needed <= rows[0].keys():
-        raise ValueError(f"{data} does not look like {task} data: rows need {sorted(needed)}, have {sorted(rows[0])}")
+    for number, row in enumerate(rows, 1):
+        if not needed <= row.keys():
+            raise ValueError(f"--data {data} does not look like {task} data: row {number} needs {sorted(needed)}, "
+                             f"has {sorted(row)}")
     return rows[:limit] if limit else rows
 
 
@@ -77,7 +96,7 @@ ANSWER_SYMBOLS = {"gsm8k": "0123456789", "csqa": "ABCDE"}
 
 def allowed_token_ids(tokenizer, symbols: str) -> torch.Tensor:
     """The official score's allowed set: the tokens the answer symbols are written as, after "A: " and inside a
-    number, plus the newline that ends the answer; nothing else (reference doc section 5.1: Mistral's ten digit
+    number, plus the newline that ends the answer; nothing else (the official compute_metrics: Mistral's ten digit
     tokens + newline, or its five letter tokens + newline). Errors if a symbol is not a token of its own."""
     allowed = set()
     numbers = [f"A: {symbols}\n"] if symbols.isdigit() else []             # digits also inside a longer number
@@ -105,7 +124,8 @@ def soft_score(logits: torch.Tensor, ids: list[int], positions: list[int], allow
     index = {token: k for k, token in enumerate(allowed.tolist())}
     probs = logits[[j - 1 for j in positions]].float()[:, allowed.to(logits.device)].softmax(dim=-1)
     gold = torch.tensor([index[ids[j]] for j in positions], device=logits.device)
-    return probs[torch.arange(len(positions)), gold].prod().item(), bool((probs.argmax(-1) == gold).all())
+    rows = torch.arange(len(positions), device=logits.device)
+    return probs[rows, gold].prod().item(), bool((probs.argmax(-1) == gold).all())
 
 
 # ---- the official "soft" answer score -------------------------------------------------------------------
@@ -125,7 +145,7 @@ def answer_scores(qs: QuietStar, tokenizer, task: str, rows: list[dict], batch_s
         width = max(len(e.ids) for e in encodings)
         tokens = torch.zeros(len(batch), width, dtype=torch.long, device=device)  # right padding never
         for b, e in enumerate(encodings):                                        # reaches earlier tokens
-            tokens[b, :len(e.ids)] = torch.tensor(e.ids)
+            tokens[b, :len(e.ids)] = torch.tensor(e.ids, device=device)
         predicted = qs.predict(tokens)
         for b, ((prompt, _), e) in enumerate(zip(batch, encodings)):
             scored = [j for j, (s, _) in enumerate(e.offsets) if s >= len(prompt) and e.ids[j] in allowed_set]
@@ -150,7 +170,7 @@ def first_integer(text: str) -> str | None:
 
 @torch.no_grad()
 def gsm8k_generation(qs: QuietStar, tokenizer, rows: list[dict], votes: int, max_new_tokens: int, seed: int) -> dict:
-    """Zero-shot chain of thought, then the answer prompt (reference doc section 5.2); majority vote."""
+    """Zero-shot chain of thought, then the answer prompt (the official zero-shotcot-eval.py); majority vote."""
     from generate import generate_with_thoughts
     temperature = 0.9 if votes > 1 else 0.0
     out = {}
@@ -225,7 +245,9 @@ def score_thoughts(qs: QuietStar, windows: torch.Tensor, filler_id: int, batch_s
         filler = torch.full((*w.shape, L), filler_id, dtype=torch.long, device=w.device)
         nll["filler"].append(qs.token_scores(w, filler)["nll_thought"].float())
         nll["shuffled"].append(qs.token_scores(w, donors[i:i + batch_size])["nll_thought"].float())
-    return {p: torch.cat(v).cpu() for p, v in nll.items()} | {"mix_weight": torch.cat(weight).cpu()}
+    return {p: torch.cat(v).cpu() for p, v in nll.items()} | {"mix_weight": torch.cat(weight).cpu(),
+                                                               "thought_ids": torch.cat(sampled_ids).cpu(),
+                                                               "donor_ids": donors.cpu()}
 
 
 def paired_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, n_boot: int = 2000,
@@ -271,6 +293,27 @@ def compare_thoughts(nll: dict[str, torch.Tensor], focus: torch.Tensor | None = 
     return out
 
 
+def answer_thoughts(tokenizer, windows: torch.Tensor, focus: torch.Tensor, scores: dict, shown: int = 12) -> dict:
+    """Read the thoughts sampled just before each answer's first digit (windows aligned on the answers): how often
+    the thought writes the answer itself (the whole number), against the thought of another problem at the same
+    place (the shuffled control), and a few examples. focus (N, T-1) marks target positions."""
+    first = focus.int().argmax(dim=1)                                      # the position predicting digit 1
+    rows, examples = {"sampled": 0, "shuffled": 0}, []
+    for n, i in enumerate(first.tolist()):
+        answer = tokenizer.decode(windows[n, i + 1:i + 1 + int(focus[n].sum())].tolist())
+        sampled = tokenizer.decode(scores["thought_ids"][n, i].tolist())
+        donor = tokenizer.decode(scores["donor_ids"][n, i].tolist())
+        whole = re.compile(rf"(?<!\d){re.escape(answer.strip())}(?!\d)")      # the number, not a digit of one
+        rows["sampled"] += bool(whole.search(sampled))
+        rows["shuffled"] += bool(whole.search(donor))
+        if len(examples) < shown:
+            examples.append({"before": tokenizer.decode(windows[n, max(0, i - 24):i + 1].tolist()),
+                             "thought": sampled, "answer": answer})
+    count = max(1, len(first))
+    return {"n": len(first), "answer_in_sampled_thought": rows["sampled"] / count,
+            "answer_in_shuffled_thought": rows["shuffled"] / count, "examples": examples}
+
+
 def thinking_wins(comparison: dict, subset: str) -> bool:
     """The sampled thought beats no thought and both controls, every 95% interval below zero."""
     return subset in comparison and all(high < 0 for _, _, high in comparison[subset]["diff"].values())
@@ -290,21 +333,24 @@ def format_comparison(comparison: dict) -> str:
 
 
 def heldout_nll(qs: QuietStar, tokenizer, texts: list[str], seq_len: int, batch_size: int, focus=None,
-                max_windows: int | None = None) -> dict:
-    """Held-out text -> compare_thoughts on consecutive windows, plus on windows aligned on the focus tokens
-    (bare answers) when `focus` (text -> character spans) is given."""
+                text_windows: int | None = None) -> dict:
+    """Held-out text -> compare_thoughts on (the first text_windows) consecutive windows, plus, when `focus`
+    (text -> character spans) is given, on windows aligned on the focus tokens (bare answers), with what the
+    thoughts before them wrote (answer_thoughts)."""
     eos = (qs.model.config.eos_ids or [None])[0]
     device = qs.model.embed_tokens.weight.device
     stream = TokenWindows(texts, tokenizer, seq_len, eos, seed=0, focus=focus)
     filler = filler_token_id(tokenizer)
-    windows, window_focus = stream.windows(max_windows or 10**9)
+    windows, window_focus = stream.windows(text_windows or 10**9)
     result = {"text": compare_thoughts(score_thoughts(qs, torch.from_numpy(windows).to(device), filler, batch_size),
                                        torch.from_numpy(window_focus[:, 1:]))}
     if focus is not None:
-        windows, window_focus = stream.focus_windows(max_windows or 10**9)
+        windows, window_focus = stream.focus_windows(10**9)
         if len(windows):
             scores = score_thoughts(qs, torch.from_numpy(windows).to(device), filler, batch_size)
-            result["answers"] = compare_thoughts(scores, torch.from_numpy(window_focus[:, 1:]))
+            targets = torch.from_numpy(window_focus[:, 1:])
+            result["answers"] = compare_thoughts(scores, targets)
+            result["answer_thoughts"] = answer_thoughts(tokenizer, torch.from_numpy(windows), targets, scores)
     return result
 
 
@@ -334,19 +380,33 @@ def thought_records(qs: QuietStar, tokenizer, tokens: torch.Tensor, filler_id: i
 
 # ---- command line ---------------------------------------------------------------------------------------
 
-def thoughts_page(args) -> str:
-    from data import read_texts
+def thoughts_page_path(args) -> Path:
+    """--out, else thoughts.html inside the model's folder when it is a checkpoint (or a training run), else
+    thoughts-<name>.html here: never a folder named like a model, which would shadow the model's name."""
+    if args.out:
+        return Path(args.out)
+    folder = Path(args.model).expanduser()
+    if folder.is_dir() and ((folder / "latest").is_file() or (folder / "quietstar.json").is_file()):
+        return folder / "thoughts.html"
+    return Path(f"thoughts-{Path(args.model).name}.html")
+
+
+def thoughts_page(args) -> Path:
     from thoughts_page import write_thoughts_page
-    overrides = {"thought_len": args.thought_len} if args.thought_len is not None else {}
-    text = read_texts(args.data, limit=1 if args.data != "arithmetic" else 8)
-    qs, tokenizer = QuietStar.from_pretrained(args.model, **overrides)
+    text = (arithmetic_texts(8, seed=HELDOUT_SEED + args.seed, bare_fraction=args.bare_fraction)
+            if args.data == "arithmetic" else read_texts(args.data, limit=1))
+    out = thoughts_page_path(args)
+    check_writable(out, "--out")
+    qs, tokenizer = load_model(args)
     torch.manual_seed(args.seed)
-    tokens = torch.tensor(tokenizer.encode("".join(text)).ids[:args.seq_len])
+    device = qs.model.embed_tokens.weight.device
+    tokens = torch.tensor(tokenizer.encode("".join(text)).ids[:args.seq_len], device=device)
+    if len(tokens) < 2:
+        raise UsageError(f"--data {args.data}: the text has {len(tokens)} token(s); the page needs at least 2")
     metrics = Path(args.model) / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    out = args.out or str(Path(args.model) / "thoughts.html")
-    return str(write_thoughts_page(out, thought_records(qs.eval(), tokenizer, tokens), rows,
-                                   title=f"Quiet-STaR thoughts: {args.model}"))
+    records = thought_records(qs.eval(), tokenizer, tokens, filler_token_id(tokenizer))
+    return write_thoughts_page(out, records, rows, title=f"Quiet-STaR thoughts: {args.model}")
 
 
 def nll_texts(args) -> tuple[list[str], object]:
@@ -355,20 +415,23 @@ def nll_texts(args) -> tuple[list[str], object]:
     if args.data == "arithmetic":
         texts = arithmetic_texts(args.limit or 400, seed=HELDOUT_SEED + args.seed, bare_fraction=args.bare_fraction)
         return texts, bare_answer_spans if args.bare_fraction > 0 else None
-    return [row["text"] if "text" in row else gsm8k_text(row) for row in read_rows("nll", args.data, args.limit)], None
+    rows = read_rows("nll", args.data, args.limit)
+    return [document_text(row, f"--data {args.data}: row {n}") for n, row in enumerate(rows, 1)], None
 
 
 def run(args) -> dict:
-    overrides = {"thought_len": args.thought_len} if args.thought_len is not None else {}
-    qs, tokenizer = QuietStar.from_pretrained(args.model, **overrides)
-    qs.eval()
-    torch.manual_seed(args.seed)
     started = time.time()
     if args.task == "nll":
         texts, focus = nll_texts(args)
-        n, result = len(texts), heldout_nll(qs, tokenizer, texts, args.seq_len, args.batch_size, focus)
+        qs, tokenizer = load_model(args)
+        torch.manual_seed(args.seed)
+        n, result = len(texts), heldout_nll(qs.eval(), tokenizer, texts, args.seq_len, args.batch_size, focus,
+                                            args.text_windows)
     else:
         rows = read_rows(args.task, args.data, args.limit)
+        qs, tokenizer = load_model(args)
+        qs.eval()
+        torch.manual_seed(args.seed)
         n = len(rows)
         if args.task in ("gsm8k", "csqa"):
             result = answer_scores(qs, tokenizer, args.task, rows, args.batch_size)
@@ -376,7 +439,7 @@ def run(args) -> dict:
             result = gsm8k_generation(qs, tokenizer, rows, args.votes, args.max_new_tokens, args.seed)
     return {"task": args.task, "model": str(args.model), "data": args.data, "limit": args.limit, "n": n,
             "thought_len": qs.config.thought_len, "seed": args.seed, "seconds": round(time.time() - started, 1),
-            "command": "python eval.py " + " ".join(sys.argv[1:]), **result}
+            "command": "python eval.py " + " ".join(args.argv), **result}
 
 
 def print_table(result: dict):
@@ -387,6 +450,12 @@ def print_table(result: dict):
             if name in result:
                 print(f"{'consecutive windows' if name == 'text' else 'windows aligned on the bare answers'}:")
                 print(format_comparison(result[name]))
+        if "answer_thoughts" in result:
+            a = result["answer_thoughts"]
+            print(f"thoughts before an answer's first digit that write the answer: {a['answer_in_sampled_thought']:.3f}"
+                  f" (a thought of another problem: {a['answer_in_shuffled_thought']:.3f}; n = {a['n']})")
+            for e in a["examples"][:4]:
+                print(f"  {e['before'][-30:]!r} [{e['thought']!r}] {e['answer']!r}")
         return
     metrics = [k for k in result["no_thoughts"] if k not in ("n", "examples", "tokens_per_s")]
     print(f"{'':14}" + "".join(f"{m:>12}" for m in metrics))
@@ -394,31 +463,44 @@ def print_table(result: dict):
         print(f"{key:14}" + "".join(f"{result[key][m]:>12.4f}" for m in metrics))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="checkpoint folder, built-in name or Hub id")
-    parser.add_argument("--task", required=True, choices=TASKS)
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(parser)
+    parser.add_argument("--task", required=True, choices=TASKS, help="what to measure (see above)")
     parser.add_argument("--data", required=True, help="a local .jsonl file, or 'hub' for the task's Hub dataset "
-                                                      "(thoughts: also 'arithmetic' or a .txt file)")
-    parser.add_argument("--limit", type=int, default=None, help="first N questions / documents")
-    parser.add_argument("--out", default=None, help="write the result as JSON here")
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--thought_len", type=int, default=None, help="override the checkpoint's thought length")
-    parser.add_argument("--votes", type=int, default=1, help="gsm8k_gen: samples per question, majority vote")
-    parser.add_argument("--max_new_tokens", type=int, default=128, help="gsm8k_gen: reasoning length")
-    parser.add_argument("--seq_len", type=int, default=128, help="nll: window length")
-    parser.add_argument("--bare_fraction", type=float, default=0.5,
-                        help="nll on --data=arithmetic: fraction of problems answered bare (their digits are the focus)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+                        "(nll and thoughts: also 'arithmetic' or a .txt file)")
+    parser.add_argument("--limit", type=at_least(1), default=None, help="first N questions / documents (default: all)")
+    parser.add_argument("--out", default=None, help="write the result (JSON; thoughts: the HTML page) here")
+    parser.add_argument("--batch_size", type=at_least(1), default=4, help="texts per forward (default: %(default)s)")
+    parser.add_argument("--votes", type=at_least(1), default=1, help="gsm8k_gen: samples per question, majority vote "
+                        "(default: %(default)s)")
+    parser.add_argument("--max_new_tokens", type=at_least(1), default=128, help="gsm8k_gen: reasoning length "
+                        "(default: %(default)s)")
+    parser.add_argument("--seq_len", type=at_least(2), default=128, help="nll and thoughts: window length "
+                        "(default: %(default)s)")
+    parser.add_argument("--text_windows", type=at_least(1), default=None, help="nll: score only the first N "
+                        "consecutive windows (the focus windows are always all scored) (default: all)")
+    parser.add_argument("--bare_fraction", type=float, default=0.5, help="nll and thoughts on --data arithmetic: "
+                        "fraction of problems answered bare; their digits are the focus tokens (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="thought samples and held-out problems (default: 0)")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
+        if not 0 <= args.bare_fraction <= 1:
+            raise UsageError(f"--bare_fraction must be between 0 and 1, got {args.bare_fraction}")
         if args.task == "thoughts":
             print(f"wrote {thoughts_page(args)}")
             return 0
+        if args.out:
+            check_writable(args.out, "--out")
         result = run(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (UsageError, ValueError, OSError) as e:
+        return fail(e)
     print_table(result)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

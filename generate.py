@@ -1,11 +1,12 @@
-"""Text generation that thinks before every token: <start>, a sampled thought, <end>, then the mixed prediction.
+"""Text generation, plain or thinking before every token: <start>, a sampled thought, <end>, then the mixed prediction.
 
-    python generate.py --model=out --prompt="Q: Tom has 3 apples and buys 4 more. How many?\\nA:"
+    python generate.py --model out --prompt "Q: Tom has 23 apples and finds 19 more. How many?\\nA:"
+    python generate.py --model out --no-thinking            # plain decoding, the same loop
 
-The real tokens keep a KV cache. Before each new token the thought branches off that cache (L + 2 one-token
-passes at positions after the last real token) and is dropped afterwards, so a thought costs L + 2 cached
-single-token passes, not a pass over the whole text as in the official evaluation script. The markers are
-not in the vocabulary, so they can never be emitted (the official README's pitfall cannot happen).
+One decoding loop serves both. The real tokens keep a KV cache. Before each new token a thought branches off that
+cache (L + 2 one-token passes at positions after the last real token) and is dropped afterwards, so a thought
+costs L + 2 cached single-token passes, not a pass over the whole text as in the official evaluation script. The
+markers are not in the vocabulary, so they can never be emitted (the official README's pitfall cannot happen).
 """
 
 import argparse
@@ -14,8 +15,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
-from model import encode, sample_next
+from cli import Parser, UsageError, add_model_options, at_least, fail, load_model
+from model import Mistral
 from qstar import QuietStar, mix, sample_from_logits
 
 
@@ -29,22 +32,35 @@ class Generation:
     tokens_per_s: float = 0.0
 
 
+def sample_next(logits: Tensor, temperature: float, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """logits (B, V) -> token ids (B,): greedy when temperature == 0, else softmax(logits / T) sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
 @torch.no_grad()
-def think(qs: QuietStar, cache, position: int, generator=None) -> tuple[list[int], torch.Tensor]:
+def think(qs: QuietStar, cache, position: int, generator=None) -> tuple[list[int], Tensor]:
     """Sample one thought after the last real token (at `position`) -> (thought ids, h at <end> (1, 1, D)).
     The cache is restored afterwards: thoughts never become part of the text."""
     model, cfg = qs.model, qs.config
+    device = model.embed_tokens.weight.device
     saved = list(cache.keys), list(cache.values)
     start, end = qs.marker_embeddings()
     x, ids = start.view(1, 1, -1), []
     for step in range(1, cfg.thought_len + 3):            # <start>, c_1 .. c_L, <end>
-        h = model.hidden(x, torch.tensor([position + step]), cache=cache)
+        h = model.hidden(x, torch.tensor([position + step], device=device), cache=cache)
         if step == cfg.thought_len + 2:
             break
         if step <= cfg.thought_len:
-            logits = model.lm_head(h[:, -1]).float() / cfg.thought_temperature
-            ids.append(sample_from_logits(logits, generator).item())
-            x = model.embed(torch.tensor([[ids[-1]]], device=h.device))
+            logits = model.lm_head(h[:, -1]).float().index_fill(-1, qs.banned_thought_ids, float("-inf"))
+            ids.append(sample_from_logits(logits / cfg.thought_temperature, generator).item())
+            x = model.embed(torch.tensor([[ids[-1]]], device=device))
         else:
             x = end.view(1, 1, -1)
     cache.keys, cache.values = saved
@@ -52,15 +68,16 @@ def think(qs: QuietStar, cache, position: int, generator=None) -> tuple[list[int
 
 
 @torch.no_grad()
-def generate_with_thoughts(qs: QuietStar, tokenizer, prompt: str, max_new_tokens: int = 32,
-                           temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
-                           thinking: bool = True, stop_at_eos: bool = True, stop: list[str] = ()) -> Generation:
-    """Continue `prompt`, thinking before every token (thinking=False: exactly model.generate). Stops at EOS
-    or once the continuation contains a `stop` string (cut off there)."""
-    model = qs.model
+def decode(model: Mistral, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
+           top_k: int | None = None, seed: int | None = None, qs: QuietStar | None = None,
+           stop_at_eos: bool = True, stop: list[str] = ()) -> Generation:
+    """The one decoding loop: continue `prompt` with a KV cache, thinking before every token when `qs` is given.
+    Stops at EOS or once the continuation contains a `stop` string (cut off there)."""
     device = model.embed_tokens.weight.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    prompt_ids = encode(tokenizer, prompt)
+    prompt_ids = tokenizer.encode(prompt).ids
+    if not prompt_ids:
+        raise UsageError("the prompt is empty: give at least one token of text to continue")
     cache = model.new_cache()
     h = model.hidden(model.embed(torch.tensor([prompt_ids], device=device)), cache=cache)[:, -1:]  # (1, 1, D)
     eos = set(model.config.eos_ids) if stop_at_eos else set()
@@ -68,7 +85,7 @@ def generate_with_thoughts(qs: QuietStar, tokenizer, prompt: str, max_new_tokens
     started = time.time()
     for _ in range(max_new_tokens):
         h_next, thought, weight = h, [], 0.0
-        if thinking:
+        if qs is not None:
             thought, h_end = think(qs, cache, len(cache) - 1, generator)
             w = qs.mixing_head(h, h_end)
             h_next, weight = mix(h, h_end, w), w.item()
@@ -89,6 +106,20 @@ def generate_with_thoughts(qs: QuietStar, tokenizer, prompt: str, max_new_tokens
     return out
 
 
+def generate(model: Mistral, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int | None = None, seed: int | None = None, stop_at_eos: bool = True) -> str:
+    """Plain decoding with any Mistral: the continuation's text. temperature 0 = greedy."""
+    return decode(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed, None, stop_at_eos).text
+
+
+def generate_with_thoughts(qs: QuietStar, tokenizer, prompt: str, max_new_tokens: int = 32,
+                           temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
+                           thinking: bool = True, stop_at_eos: bool = True, stop: list[str] = ()) -> Generation:
+    """Continue `prompt`, thinking before every token (thinking=False: plain decoding of qs.model)."""
+    return decode(qs.model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed,
+                  qs if thinking else None, stop_at_eos, stop)
+
+
 def show(generation: Generation, tokenizer, color: bool) -> str:
     """The continuation with each thought inline before its token: dimmed on a terminal, else bracketed."""
     parts = []
@@ -99,25 +130,37 @@ def show(generation: Generation, tokenizer, color: bool) -> str:
     return "".join(parts)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="checkpoint folder or model name")
-    parser.add_argument("--prompt", default="Q: Tom has 23 apples and finds 19 more. How many apples does Tom have?\nA:")
-    parser.add_argument("--max_new_tokens", type=int, default=24)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--thinking", type=int, default=1, help="1: think before every token, 0: plain decoding")
-    parser.add_argument("--thought_len", type=int, default=None, help="override the checkpoint's thought length")
-    args = parser.parse_args(argv)
-    overrides = {"thought_len": args.thought_len} if args.thought_len else {}
-    qs, tokenizer = QuietStar.from_pretrained(args.model, **overrides)
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(parser)
+    parser.add_argument("--prompt", default="Q: Tom has 23 apples and finds 19 more. How many apples does Tom have?\\nA:",
+                        help="text to continue; \\n is a newline (default: %(default)s)")
+    parser.add_argument("--max_new_tokens", type=at_least(1), default=24, help="tokens to generate (default: 24)")
+    parser.add_argument("--temperature", type=at_least(0.0, float), default=0.0,
+                        help="0 = greedy, else sampling temperature (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="for sampled tokens and thoughts (default: 0)")
+    parser.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
+                        help="think before every token (--no-thinking: plain decoding) (default: on)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     prompt = args.prompt.replace("\\n", "\n")
-    gen = generate_with_thoughts(qs, tokenizer, prompt, args.max_new_tokens, args.temperature, seed=args.seed,
-                                 thinking=bool(args.thinking))
+    try:
+        if not prompt.strip():
+            raise UsageError("--prompt is empty: give some text to continue")
+        qs, tokenizer = load_model(args)
+        gen = generate_with_thoughts(qs, tokenizer, prompt, args.max_new_tokens, args.temperature, seed=args.seed,
+                                     thinking=args.thinking)
+    except (UsageError, ValueError, OSError) as e:
+        return fail(e)
     print(prompt + show(gen, tokenizer, color=sys.stdout.isatty()))
-    print(f"\n[{len(gen.token_ids)} tokens, {gen.tokens_per_s:.1f} tokens/s, thinking {'on' if args.thinking else 'off'}"
-          f"{f', mean mixing weight {sum(gen.mix_weights) / max(1, len(gen.mix_weights)):+.3f}' if args.thinking else ''}]")
+    weights = f", mean mixing weight {sum(gen.mix_weights) / max(1, len(gen.mix_weights)):+.3f}" if args.thinking else ""
+    print(f"\n[{len(gen.token_ids)} tokens, {gen.tokens_per_s:.1f} tokens/s, thinking "
+          f"{'on' if args.thinking else 'off'}{weights}]")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

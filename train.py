@@ -1,41 +1,51 @@
-"""Train Quiet-STaR. Reads top to bottom: config, setup, data, model, optimizer, eval, loop.
+"""Train Quiet-STaR. main() is the table of contents: settings, run folder, model, data, optimizer, resume,
+the loop, the end. Each stage is one function below, in that order.
 
-    python train.py                                    # CPU quick start: SmolLM2-135M, built-in arithmetic text
-    python train.py --data=../shared/data/gsm8k/train.jsonl --max_steps=200
-    python train.py --preset=paper --lora_rank=16      # one GPU: Mistral-7B, the official hyperparameters
-    python train.py --out_dir=out --resume=1           # continue a run exactly where its checkpoint left it
+    python train.py                                # CPU quick start: SmolLM2-135M, built-in arithmetic text
+    python train.py --preset think                 # thinking that wins on held-out bare answers (~50 min, 2 cores)
+    python train.py --data ../shared/data/gsm8k/train.jsonl --max_steps 200
+    python train.py --preset paper --lora_rank 16  # one GPU: Mistral-7B, the official hyperparameters
+    python train.py --out_dir out --resume         # continue a run exactly where its checkpoint left it
+    python train.py --help                         # every option, its default and what it does
 
-Every field of TrainConfig and of qstar.QuietStarConfig can be set with --key=value.
+Every field of TrainConfig (below) and of qstar.QuietStarConfig is an option.
 """
 
+import argparse
+import contextlib
 import json
-import os
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 
+import gpu
+import parallel
+from checkpoint import RunLock, checkpoint_step, prepare_out_dir, verify_checkpoint, write_checkpoint
+from cli import Parser, UsageError, add_dataclass_options, check, fail
 from data import TokenWindows, arithmetic_texts, bare_answer_spans, read_texts
-from eval import filler_token_id
+from eval import PREDICTORS, compare_thoughts, filler_token_id, score_thoughts, thought_records
 from model import load_pretrained
-from qstar import QuietStar, QuietStarConfig
+from qstar import QuietStar, QuietStarConfig, load_quietstar_parts
+from thoughts_page import write_thoughts_page
 
 
-# ---- config -------------------------------------------------------------------------------------------
+# ---- 1. settings ------------------------------------------------------------------------------------------
 
 @dataclass
 class TrainConfig:
-    preset: str = "cpu"             # cpu: the quick start below; paper: Mistral-7B with the official settings
+    preset: str = "cpu"             # cpu: the quick start; think: thinking that wins on bare answers; paper: Mistral-7B
     model: str = "smollm2-135m"     # built-in short name, a local Hugging Face folder or a Hub id
     data: str = "arithmetic"        # arithmetic (built in) | a .txt or .jsonl file | a Hub dataset name
     bare_fraction: float = 0.0      # arithmetic: the fraction of problems answered bare ("A: 47.") instead of worked
-    out_dir: str = "out"            # checkpoint (Hugging Face layout), metrics.jsonl, thoughts.html
+    out_dir: str = "out"            # run folder: checkpoint-N/ (Hugging Face layout), latest, metrics.jsonl, thoughts.html
     resume: bool = False            # continue the run saved in out_dir
-    max_steps: int = 40             # optimizer steps
+    max_steps: int = 40             # optimizer steps in all (plain and thinking)
+    plain_steps: int = 0            # the first steps train next-token prediction only (no thoughts): cheap format learning
+    plain_batch_size: int = 0       # windows per micro-batch in those steps; 0 = batch_size
     batch_size: int = 2             # windows of text per micro-batch
     grad_accum: int = 1             # micro-batches per optimizer step
     seq_len: int = 64               # tokens per window
@@ -43,312 +53,228 @@ class TrainConfig:
     lr_mixing_head: float = 1e-3    # the mixing head starts at zero and must learn fast
     lr_markers: float = 1e-3        # on the stored markers, i.e. x marker_grad_scale in embedding space
     weight_decay: float = 0.001     # official value; none on norms, biases and markers
-    warmup_steps: int = 5           # linear warm-up, then constant (as the official run)
+    warmup_steps: int = 5           # linear warm-up at the start of each phase, then constant (as the official run)
     grad_clip: float = 1.0          # global gradient-norm clip
     eval_interval: int = 20         # steps between held-out evaluations (also at the start and the end)
     eval_windows: int = 8           # held-out windows per evaluation
     eval_answers: int = 32          # held-out bare answers per evaluation (arithmetic with bare_fraction > 0)
-    save_interval: int = 20         # steps between checkpoints (also at the end and on Ctrl-C)
-    plain_steps: int = 0            # the first steps train next-token prediction only (no thoughts): cheap format learning
-    plain_batch_size: int = 0       # windows per micro-batch in those steps; 0 = batch_size
+    save_interval: int = 20         # steps between checkpoints (also at the end, on Ctrl-C and on SIGTERM)
+    grad_split_interval: int = 10   # thinking steps between logs of the NLL / REINFORCE gradient norms (0 = never)
     lora_rank: int = 0              # 0 = full fine-tuning; > 0 = LoRA adapters on the base model
     lora_alpha: float = 32.0        # LoRA scale alpha / rank
     device: str = "auto"            # auto = cuda if available, else cpu
+    parallel: str = "none"          # under torchrun: ddp (whole model on every rank) | fsdp (sharded, FSDP2) | none
+    dist_timeout: int = 1800        # seconds a rank waits for the others (a failed rank) before stopping with an error
     seed: int = 1337                # data order, thought samples and initialisation
     threads: int = 0                # CPU threads for torch; 0 = torch's default
 
+    def __post_init__(self):
+        check(self.preset in PRESETS, f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_windows", "eval_answers",
+                     "save_interval"):
+            check(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("plain_batch_size", "grad_split_interval", "lora_rank", "threads", "warmup_steps",
+                     "lr", "lr_mixing_head", "lr_markers", "weight_decay"):
+            check(getattr(self, name) >= 0, f"--{name} must be 0 or more, got {getattr(self, name)}")
+        check(self.seq_len >= 2, f"--seq_len must be at least 2 (a token and its successor), got {self.seq_len}")
+        check(0 <= self.plain_steps <= self.max_steps,
+              f"--plain_steps must be between 0 and --max_steps ({self.max_steps}), got {self.plain_steps}")
+        check(0 <= self.bare_fraction <= 1, f"--bare_fraction must be between 0 and 1, got {self.bare_fraction}")
+        check(self.grad_clip > 0, f"--grad_clip must be positive (the largest gradient norm), got {self.grad_clip}")
+        check(self.lora_alpha > 0, f"--lora_alpha must be positive, got {self.lora_alpha}")
+        check(self.parallel in ("none", "ddp", "fsdp"), f"--parallel must be none, ddp or fsdp, got {self.parallel!r}")
+        check(self.dist_timeout >= 1, f"--dist_timeout must be at least 1 second, got {self.dist_timeout}")
+        check(not (self.parallel == "fsdp" and self.lora_rank), "--parallel fsdp with --lora_rank is not supported: "
+              "LoRA's adapters fit on every GPU, use --parallel ddp")
+
 
 PRESETS = {
-    # The CPU quick start: short thoughts, so that the default run fits in about 12 minutes on 2 cores.
+    # The CPU quick start: short thoughts, so that the default run fits in about 10 minutes on 2 cores.
     "cpu": dict(thought_len=4, n_true=2, n_thoughts=2),
-    # The authors' run (reference doc section 1): Mistral-7B-v0.1, OpenWebMath, 256-token windows, 8 documents
-    # per step, n_ahead 12 (9 thought tokens), n_ahead_talk 4, n_passes 2, lr 1e-6, 20 warm-up steps, ~100 steps.
+    # Thinking that wins on held-out bare answers (README, "Does thinking help?"): half the problems are answered
+    # bare ("A: 47."); 200 cheap plain steps teach the worked format ("A: 23+19=42. ..."); then 60 Quiet-STaR
+    # steps with thoughts long enough to hold one equation, rewarded on the next 4 tokens (both answer digits).
+    "think": dict(bare_fraction=0.5, plain_steps=200, plain_batch_size=8, max_steps=260, batch_size=2, seq_len=64,
+                  lr=1e-4, lr_mixing_head=1e-3, lr_markers=1e-5, policy_weight=10.0, thought_len=12, n_true=4,
+                  n_thoughts=2, eval_interval=130, eval_windows=4, eval_answers=16, save_interval=50),
+    # The authors' run (docs/official_code.md): Mistral-7B-v0.1, OpenWebMath, 256-token windows, 8 documents per
+    # step, n_ahead 12 (9 thought tokens), n_ahead_talk 4, n_passes 2, lr 1e-6, 20 warm-up steps, ~100 steps.
     "paper": dict(model="mistralai/Mistral-7B-v0.1", data="open-web-math/open-web-math", max_steps=100,
                   batch_size=4, grad_accum=2, seq_len=256, lr=1e-6, lr_mixing_head=1e-6, lr_markers=1e-6,
                   weight_decay=0.001, warmup_steps=20, eval_interval=10, save_interval=100, eval_windows=32,
                   thought_len=9, n_true=4, n_thoughts=2, activation_checkpointing=True),
 }
+# Settings a resumed run cannot change: they define the model, its parameters or the thought's shape.
+FIXED_ON_RESUME = ("model", "lora_rank", "lora_alpha", "thought_len", "n_thoughts", "n_true", "marker_init",
+                   "marker_grad_scale", "mixing_hidden", "preset")
 
 
-def parse_args(argv: list[str]) -> tuple[TrainConfig, QuietStarConfig]:
-    """--key=value for any field of TrainConfig or QuietStarConfig, parsed by the field's type."""
-    train_fields = {f.name: f for f in fields(TrainConfig)}
-    qstar_fields = {f.name: f for f in fields(QuietStarConfig)}
-    valid = sorted(train_fields) + sorted(qstar_fields)
-    overrides = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"error: arguments look like --key=value, got {arg!r}. Valid keys: {', '.join(valid)}")
-        key, value = arg[2:].split("=", 1)
-        field = train_fields.get(key) or qstar_fields.get(key)
-        if field is None:
-            raise SystemExit(f"error: unknown key {key!r}. Valid keys: {', '.join(valid)}")
-        overrides[key] = parse_value(key, value, field.type, valid)
-    preset = overrides.get("preset", TrainConfig.preset)
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_options(parser, TrainConfig, "training (train.py TrainConfig)")
+    add_dataclass_options(parser, QuietStarConfig, "Quiet-STaR (qstar.py QuietStarConfig)")
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[TrainConfig, QuietStarConfig, list[str]]:
+    """Defaults < preset < (on --resume: the run's saved settings) < what the user typed.
+    -> the two configs and the settings that a resume changes (printed, and they take effect)."""
+    given = vars(build_parser().parse_args(argv))
+    train_keys, qstar_keys = {f.name for f in fields(TrainConfig)}, {f.name for f in fields(QuietStarConfig)}
+    preset = given.get("preset", TrainConfig.preset)
     if preset not in PRESETS:
-        raise SystemExit(f"error: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    values = PRESETS[preset] | overrides
-    saved = Path(overrides.get("out_dir", TrainConfig.out_dir)) / "train_config.json"
-    if overrides.get("resume") and saved.exists():   # continue with the saved settings unless told otherwise
-        saved = json.loads(saved.read_text())
-        values = saved["train"] | saved["qstar"] | overrides
-    cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
-    qcfg = QuietStarConfig(**{k: v for k, v in values.items() if k in qstar_fields})
-    return cfg, qcfg
-
-
-def parse_value(key: str, text: str, annotation, valid: list[str]):
-    kind = getattr(annotation, "__name__", str(annotation))         # "int", "float | None", ...
+        raise UsageError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    values, changed = PRESETS[preset] | given, []
+    if given.get("resume"):
+        out_dir = Path(given.get("out_dir", TrainConfig.out_dir))
+        saved_file = verify_checkpoint(out_dir) / "train_config.json"
+        if not saved_file.is_file():
+            raise UsageError(f"--resume: {saved_file} is missing, so the run's settings are unknown; start a new "
+                             "--out_dir")
+        saved = json.loads(saved_file.read_text())
+        saved = saved["train"] | saved["qstar"]
+        differ = {k: (saved.get(k), v) for k, v in given.items() if k in saved and saved[k] != v}
+        fixed = [f"--{k} {old!r} -> {new!r}" for k, (old, new) in differ.items() if k in FIXED_ON_RESUME]
+        if fixed:
+            raise UsageError(f"--resume cannot change {', '.join(fixed)}: they define the model or the thought "
+                             "shape; start a new --out_dir instead")
+        changed = [f"--{k} {old} -> {new}" for k, (old, new) in differ.items() if k not in ("resume",)]
+        values = saved | given
     try:
-        if "bool" in kind:
-            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError
-            return text.lower() in ("1", "true", "yes")
-        if "None" in kind and text.lower() == "none":
-            return None
-        if "int" in kind:
-            return int(text)
-        if "float" in kind:
-            return float(text)
-        return text
-    except ValueError:
-        raise SystemExit(f"error: --{key}={text!r} is not a valid {kind}. Valid keys: {', '.join(valid)}") from None
+        return (TrainConfig(**{k: v for k, v in values.items() if k in train_keys}),
+                QuietStarConfig(**{k: v for k, v in values.items() if k in qstar_keys}), changed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
-# ---- checkpoints: Hugging Face layout + Quiet-STaR parts + optimizer state, written atomically ----------
+# ---- 2. model ------------------------------------------------------------------------------------------------
 
-def save_checkpoint(out_dir: Path, qs: QuietStar, tokenizer, optimizer, step: int, cfg: TrainConfig,
-                    qcfg: QuietStarConfig):
-    """Write every file into a fresh temporary folder first, then move them into out_dir one by one
-    (os.replace is atomic per file), train_state.pt last: an interruption while writing (the slow part)
-    leaves the previous checkpoint untouched, and train_state.pt names the step of the files beside it."""
-    tmp = out_dir / f".checkpoint-{step}.tmp"
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        state = None
-        if cfg.lora_rank:
-            from lora import base_state_dict, save_adapters
-            state = base_state_dict(qs.model)
-            save_adapters(qs.model, tmp, cfg.model, cfg.lora_rank, cfg.lora_alpha)
-        qs.save_pretrained(tmp, tokenizer, model_state=state)
-        (tmp / "train_config.json").write_text(json.dumps({"train": asdict(cfg), "qstar": asdict(qcfg)}, indent=2))
-        torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "train_state.pt")
-        files = sorted(tmp.iterdir(), key=lambda f: f.name == "train_state.pt")
-        for f in files:
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        for f in files:
-            os.replace(f, out_dir / f.name)
-    finally:
-        for f in tmp.glob("*"):
-            f.unlink()
-        if tmp.exists():
-            tmp.rmdir()
+def build_model(cfg: TrainConfig, qcfg: QuietStarConfig, device, use_bf16: bool, checkpoint: Path | None):
+    """The base model (full fine-tuning: from the checkpoint when resuming; LoRA: the frozen base in bf16 on GPU
+    plus adapters) wrapped in QuietStar; when resuming, the trained markers and mixing head exactly as saved."""
+    torch.manual_seed(cfg.seed)
+    base_dtype = torch.bfloat16 if cfg.lora_rank and use_bf16 else torch.float32
+    source = checkpoint if checkpoint is not None and not cfg.lora_rank else cfg.model
+    model, tokenizer = load_pretrained(source, dtype=base_dtype, device=device)
+    if cfg.lora_rank:
+        from lora import add_lora, load_adapters
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        model.to(device)
+        if checkpoint is not None:
+            load_adapters(model, checkpoint)
+    qs = QuietStar(model, qcfg, tokenizer).to(device)
+    if checkpoint is not None:
+        load_quietstar_parts(qs, checkpoint)
+    return qs.train(), tokenizer
 
 
-def checkpoint_step(out_dir: Path) -> int | None:
-    state = out_dir / "train_state.pt"
-    return torch.load(state, map_location="cpu", weights_only=True)["step"] if state.exists() else None
+# ---- 3. data -------------------------------------------------------------------------------------------------
+
+def read_documents(cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """-> training and held-out documents: the built-in arithmetic problems from two seeds, or the documents of
+    --data with the last 5% held out. Read before anything is written, so that bad data fails fast."""
+    if cfg.data == "arithmetic":
+        return (arithmetic_texts(4000, seed=cfg.seed, bare_fraction=cfg.bare_fraction),
+                arithmetic_texts(400, seed=cfg.seed + 1, bare_fraction=cfg.bare_fraction))
+    texts = read_texts(cfg.data)
+    if len(texts) < 2:
+        raise UsageError(f"--data {cfg.data} has {len(texts)} document; train.py needs at least 2 (the last "
+                         "5% of the documents are held out for evaluation)")
+    n_val = max(1, len(texts) // 20)
+    return texts[:-n_val], texts[-n_val:]
 
 
-# ---- evaluation ------------------------------------------------------------------------------------------
+def load_data(cfg: TrainConfig, documents, tokenizer, eos: int | None):
+    """-> training windows, and the held-out sets {name: (windows, focus)}: consecutive windows ("text") and,
+    for bare-answer arithmetic, windows aligned on the answers ("answer")."""
+    train_texts, val_texts = documents
+    focus = bare_answer_spans if cfg.data == "arithmetic" and cfg.bare_fraction > 0 else None
+    train = TokenWindows(train_texts, tokenizer, cfg.seq_len, eos, cfg.seed, name=f"--data {cfg.data} (training part)")
+    held_out = TokenWindows(val_texts, tokenizer, cfg.seq_len, eos, cfg.seed, focus=focus,
+                            name=f"--data {cfg.data} (held-out part: the last {len(val_texts)} documents)")
+    val = {"text": held_out.windows(cfg.eval_windows)}
+    if focus is not None:
+        val["answer"] = held_out.focus_windows(cfg.eval_answers)
+    return train, val
+
+
+# ---- 4. optimizer --------------------------------------------------------------------------------------------
+
+def param_groups(qs: QuietStar, cfg: TrainConfig) -> list[dict]:
+    """Five groups: base weights and base norms/biases (lr), the mixing head's weights and biases
+    (lr_mixing_head, which starts at zero and must learn fast), the markers (lr_markers). No weight decay on
+    vectors or markers. Each group carries its name, so settings changed on --resume find their group."""
+    base = [p for p in qs.model.parameters() if p.requires_grad]
+    mixing = list(qs.mixing_head.parameters())
+    groups = [("base", [p for p in base if p.dim() >= 2]), ("base_vectors", [p for p in base if p.dim() < 2]),
+              ("mixing_head", [p for p in mixing if p.dim() >= 2]),
+              ("mixing_head_vectors", [p for p in mixing if p.dim() < 2]), ("markers", list(qs.markers.parameters()))]
+    return [{"name": name, "params": params, **group_settings(name, cfg)} for name, params in groups if params]
+
+
+def group_settings(name: str, cfg: TrainConfig) -> dict:
+    lr = {"base": cfg.lr, "base_vectors": cfg.lr, "mixing_head": cfg.lr_mixing_head,
+          "mixing_head_vectors": cfg.lr_mixing_head, "markers": cfg.lr_markers}[name]
+    decay = cfg.weight_decay if name in ("base", "mixing_head") else 0.0
+    return {"lr": lr, "base_lr": lr, "weight_decay": decay}
+
+
+def resume_optimizer(qs: QuietStar, optimizer, checkpoint: Path, cfg: TrainConfig) -> int:
+    """Load the optimizer's state (full, keyed by parameter name: written by any number of ranks), then set every
+    group's learning rate and weight decay from the settings, so that --lr and friends given on --resume take
+    effect. -> the step to continue from."""
+    state = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=True)
+    parallel.load_optimizer(qs, optimizer, state["optimizer"])
+    for group in optimizer.param_groups:
+        group.update(group_settings(group["name"], cfg))
+    return state["step"]
+
+
+# ---- 5. evaluation and checkpoints ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(qs: QuietStar, val: dict, filler_id: int, device, autocast, seed: int) -> dict:
+def evaluate(run: "Run") -> dict:
     """Held-out NLL of the next token with no thought, the sampled thought and the two controls (eval.py says
-    why), on consecutive windows (all tokens and the hardest 10%) and on windows aligned on the focus tokens."""
-    from eval import PREDICTORS, compare_thoughts, score_thoughts
+    why), on consecutive windows (all tokens and the hardest 10%) and on windows aligned on the bare answers."""
+    qs = run.qs
     qs.eval()
-    torch.manual_seed(seed)
+    torch.manual_seed(run.cfg.seed)
     row = {}
-    with autocast():
-        for name, (windows, focus) in val.items():
-            scores = score_thoughts(qs, torch.from_numpy(windows).to(device), filler_id, batch_size=4)
+    with run.autocast(), parallel.gathered(qs, run.ranks):
+        for name, (windows, focus) in run.val.items():
+            scores = score_thoughts(qs, torch.from_numpy(windows).to(run.device), run.filler_id, batch_size=4)
             result = compare_thoughts(scores, torch.from_numpy(focus[:, 1:]) if name == "answer" else None)
-            subsets = {"answer": "focus"} if name == "answer" else {"": "all", "hard": "hard"}
-            for prefix, subset in subsets.items():
+            for prefix, subset in ({"eval_answer_": "focus"} if name == "answer" else
+                                   {"eval_": "all", "eval_hard_": "hard"}).items():
                 if subset in result:
-                    key = f"eval_{prefix}_" if prefix else "eval_"
-                    row |= {f"{key}nll_{p}": round(result[subset]["nll"][p], 6) for p in PREDICTORS}
-                    row[f"{key}diff"] = {k: [round(x, 6) for x in v] for k, v in result[subset]["diff"].items()}
+                    row |= {f"{prefix}nll_{p}": round(result[subset]["nll"][p], 6) for p in PREDICTORS}
+                    row[f"{prefix}diff"] = {k: [round(x, 6) for x in v] for k, v in result[subset]["diff"].items()}
             if name == "text":
                 row["eval_mix_weight"] = round(result["mix_weight"], 6)
     qs.train()
     return row
 
 
-# ---- the run ---------------------------------------------------------------------------------------------
-
-def main(argv: list[str]) -> int:
-    cfg, qcfg = parse_args(argv)
-
-    # ---- setup
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    def autocast():  # bf16 matmuls on GPU; the weights (fp32 masters) and the optimizer stay in fp32
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    saved_step = checkpoint_step(out_dir)
-    if cfg.resume and saved_step is None:
-        raise SystemExit(f"error: --resume=1 but {out_dir} holds no checkpoint (train_state.pt)")
-    if not cfg.resume and saved_step is not None:
-        raise SystemExit(f"error: {out_dir} already holds a checkpoint at step {saved_step}. Continue it with "
-                         f"--resume=1, or choose another --out_dir")
-    torch.manual_seed(cfg.seed)
-
-    # ---- model
-    # Full fine-tuning resumes from the weights in out_dir; LoRA from the frozen base plus saved adapters.
-    base_dtype = torch.bfloat16 if cfg.lora_rank and use_bf16 else torch.float32   # frozen LoRA base in bf16
-    source = out_dir if cfg.resume and not cfg.lora_rank else cfg.model
-    model, tokenizer = load_pretrained(source, dtype=base_dtype, device=device)
-    if cfg.lora_rank:
-        from lora import add_lora, load_adapters
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha)
-        model.to(device)
-        if cfg.resume:
-            load_adapters(model, out_dir)
-    qs = QuietStar(model, qcfg, tokenizer).to(device)
-    if cfg.resume:  # the trained markers and mixing head, exactly as saved
-        from safetensors.torch import load_file
-        qs.load_state_dict(load_file(out_dir / "quietstar.safetensors", device=str(device)), strict=False)
-    qs.train()
-
-    # ---- data
-    eos = (model.config.eos_ids or [None])[0]                   # documents are separated by EOS when there is one
-    focus = None
-    if cfg.data == "arithmetic":
-        train_texts = arithmetic_texts(4000, seed=cfg.seed, bare_fraction=cfg.bare_fraction)
-        val_texts = arithmetic_texts(400, seed=cfg.seed + 1, bare_fraction=cfg.bare_fraction)
-        focus = bare_answer_spans if cfg.bare_fraction > 0 else None
-    else:
-        texts = read_texts(cfg.data)
-        n_val = max(1, len(texts) // 20)
-        train_texts, val_texts = texts[:-n_val], texts[-n_val:]
-    train_data = TokenWindows(train_texts, tokenizer, cfg.seq_len, eos, cfg.seed)
-    val_stream = TokenWindows(val_texts, tokenizer, cfg.seq_len, eos, cfg.seed, focus=focus)
-    val = {"text": val_stream.windows(cfg.eval_windows)}
-    if focus is not None:
-        val["answer"] = val_stream.focus_windows(cfg.eval_answers)
-    filler_id = filler_token_id(tokenizer)
-
-    # ---- optimizer: three groups, because the markers and the mixing head start from scratch
-    markers, mixing = list(qs.markers.parameters()), list(qs.mixing_head.parameters())
-    base = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in base if p.dim() >= 2], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": [p for p in base if p.dim() < 2], "lr": cfg.lr, "weight_decay": 0.0},
-        {"params": [p for p in mixing if p.dim() >= 2], "lr": cfg.lr_mixing_head, "weight_decay": cfg.weight_decay},
-        {"params": [p for p in mixing if p.dim() < 2], "lr": cfg.lr_mixing_head, "weight_decay": 0.0},
-        {"params": markers, "lr": cfg.lr_markers, "weight_decay": 0.0},
-    ]
-    groups = [g | {"base_lr": g["lr"]} for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
-    start_step = 0
-    if cfg.resume:
-        state = torch.load(out_dir / "train_state.pt", map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
-    trainable = sum(p.numel() for g in groups for p in g["params"])
-
-    # ---- logging: metrics.jsonl keeps only rows up to the checkpoint we continue from
-    metrics_file = out_dir / "metrics.jsonl"
-    rows = [json.loads(l) for l in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
-    rows = [r for r in rows if r["step"] <= start_step] if cfg.resume else []
-    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    def log(row: dict):
-        rows.append(row)
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    print(f"model {cfg.model}: {model.n_params / 1e6:.1f}M parameters, training {trainable / 1e6:.2f}M "
-          f"on {device}{' (bf16 autocast)' if use_bf16 else ''}; data {cfg.data}: {len(train_data.tokens):,} "
-          f"tokens; thoughts: {qcfg.n_thoughts} x {qcfg.thought_len} tokens, scored on {qcfg.n_true} true tokens")
-    if start_step == 0:
-        log({"step": 0} | evaluate(qs, val, filler_id, device, autocast, cfg.seed))
-        print("before training:\n    " + format_eval(rows[-1]))
-
-    # ---- Ctrl-C: finish the step, save, exit. A second Ctrl-C stops at once.
-    stop = {"requested": False}
-
-    def on_sigint(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit without saving)")
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
-
-    # ---- loop
-    from tqdm import tqdm
-    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, unit="step",
-               dynamic_ncols=True)
-    started, step = time.time(), start_step
-    try:
-        for step in bar:
-            t0 = time.time()
-            thinking = step >= cfg.plain_steps          # the first plain_steps: next-token training only
-            batch_size = cfg.batch_size if thinking else cfg.plain_batch_size or cfg.batch_size
-            phase_step = step - (cfg.plain_steps if thinking else 0)
-            lr_scale = min(1.0, (phase_step + 1) / max(1, cfg.warmup_steps))   # each phase warms up
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_scale
-            parts, split = {}, {}
-            for micro in range(cfg.grad_accum):
-                torch.manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + micro)  # resumable sampling
-                tokens = torch.from_numpy(train_data.batch(step * cfg.grad_accum + micro, batch_size)).to(device)
-                with autocast():
-                    out = qs(tokens, think=thinking)
-                if not torch.isfinite(out["loss"]):
-                    return stop_on_nan(step + 1, out, out_dir, checkpoint_step(out_dir))
-                if thinking and micro == 0 and (step + 1) % cfg.eval_interval == 0:
-                    split = gradient_split(qs, out)
-                (out["loss"] / cfg.grad_accum).backward()
-                for k, v in out.items():
-                    if k != "policy_term":
-                        parts[k] = parts.get(k, 0.0) + v.item() / cfg.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(qs.parameters(), cfg.grad_clip)
-            if not torch.isfinite(grad_norm):
-                return stop_on_nan(step + 1, {"grad_norm": grad_norm}, out_dir, checkpoint_step(out_dir))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            drift = qs.markers.drift()
-            row = {"step": done, "phase": "think" if thinking else "plain", **{k: round(v, 6) for k, v in parts.items()},
-                   **split, "grad_norm": round(grad_norm.item(), 4), "lr": optimizer.param_groups[0]["lr"],
-                   "marker_drift_start": round(drift[0], 6), "marker_drift_end": round(drift[1], 6),
-                   "tokens_per_s": round(batch_size * cfg.grad_accum * cfg.seq_len / (time.time() - t0), 1)}
-            if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-                row |= evaluate(qs, val, filler_id, device, autocast, cfg.seed)
-            log(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row.get('reward_mean', 0):+.3f}",
-                            mix=f"{row.get('mix_weight_mean', 0):+.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if done % cfg.save_interval == 0 or done == cfg.max_steps or stop["requested"]:
-                save_checkpoint(out_dir, qs, tokenizer, optimizer, done, cfg, qcfg)
-            if stop["requested"]:
-                bar.close()
-                print(f"stopped at step {done}; checkpoint saved in {out_dir}. Continue with: python train.py "
-                      f"{' '.join(a for a in argv if not a.startswith('--resume'))} --resume=1")
-                return 130
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    bar.close()
-
-    # ---- the end: thoughts page and a summary
-    from eval import thought_records
-    from thoughts_page import write_thoughts_page
-    torch.manual_seed(cfg.seed)
-    records = thought_records(qs, tokenizer, torch.from_numpy(val['text'][0][0]).to(device), filler_id)
-    page = write_thoughts_page(out_dir / "thoughts.html", records, rows, title=f"Quiet-STaR thoughts: {cfg.model}")
-    print_summary(rows, time.time() - started, step + 1 - start_step, out_dir, page)
-    return 0
+def save_checkpoint(run: "Run", step: int) -> Path | None:
+    """Gather the full state on every rank, then rank 0 writes the checkpoint (checkpoint.write_checkpoint)."""
+    qs, cfg = run.qs, run.cfg
+    state, optimizer_state = parallel.full_states(qs, run.optimizer)
+    folder = None
+    if run.ranks.main:
+        def write_files(folder: Path):
+            model_state = state
+            if cfg.lora_rank:                       # the merged base weights, plus the adapters in peft's layout
+                from lora import base_state_dict, save_adapters
+                model_state = {f"model.{k}": v for k, v in base_state_dict(qs.model).items()} | \
+                    {k: v for k, v in state.items() if not k.startswith("model.")}
+                save_adapters(qs.model, folder, cfg.model, cfg.lora_rank, cfg.lora_alpha)
+            qs.save_pretrained(folder, run.tokenizer, model_state)
+            (folder / "train_config.json").write_text(json.dumps({"train": asdict(cfg), "qstar": asdict(run.qcfg)},
+                                                                 indent=2))
+            torch.save({"step": step, "optimizer": optimizer_state}, folder / "train_state.pt")
+        folder = write_checkpoint(run.out_dir, step, write_files)
+    parallel.barrier(run.ranks)
+    return folder
 
 
 def gradient_split(qs: QuietStar, out: dict) -> dict:
@@ -362,38 +288,242 @@ def gradient_split(qs: QuietStar, out: dict) -> dict:
     return norms
 
 
-def stop_on_nan(step: int, parts: dict, out_dir: Path, last_good: int | None) -> int:
-    values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
-    where = f"the last good checkpoint (step {last_good}) is in {out_dir}" if last_good else "no checkpoint was written"
-    print(f"\nerror: non-finite value at step {step} ({values}). Stopping without saving; {where}. Lower --lr "
-          f"or --lr_mixing_head, or raise --grad_clip's strictness, and resume with --resume=1.", file=sys.stderr)
-    return 1
+# ---- 6. the loop -------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything the loop needs, built by main's stages."""
+    cfg: TrainConfig
+    qcfg: QuietStarConfig
+    ranks: parallel.Ranks
+    device: torch.device
+    autocast: object
+    out_dir: Path
+    qs: QuietStar = None
+    step_module: torch.nn.Module = None       # qs, or DDP(qs): what a training step calls
+    tokenizer: object = None
+    optimizer: torch.optim.Optimizer = None
+    train_data: TokenWindows = None
+    val: dict = None
+    filler_id: int = 0
+    log: "MetricsLog" = None
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM (what schedulers and `docker stop` send): finish the step, save, exit. A second Ctrl-C
+    quits at once, without saving."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\n{name}: saving a checkpoint after this step (Ctrl-C again to quit without saving)", flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step (plain or thinking) -> its metrics row, or a row with "nonfinite" if a loss or the
+    gradient is not finite on any rank. Rank r takes its block of the global batch (parallel.py)."""
+    cfg, ranks, t0 = run.cfg, run.ranks, time.time()
+    thinking = step >= cfg.plain_steps                  # the first plain_steps: next-token training only
+    batch_size = cfg.batch_size if thinking else cfg.plain_batch_size or cfg.batch_size
+    lr_scale = min(1.0, (step - (cfg.plain_steps if thinking else 0) + 1) / max(1, cfg.warmup_steps))
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_scale
+    parts, split = {}, {}
+    for micro in range(cfg.grad_accum):
+        torch.manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + micro)   # resumable sampling
+        rows = run.train_data.batch(step * cfg.grad_accum + micro, batch_size * ranks.world)
+        tokens = torch.from_numpy(rows[ranks.rank * batch_size:(ranks.rank + 1) * batch_size]).to(run.device)
+        with run.autocast():
+            out = run.step_module(tokens, think=thinking)
+        if parallel.any_rank(not torch.isfinite(out["loss"]), ranks):
+            return {"step": step + 1, "nonfinite": {k: float(v.detach()) for k, v in out.items()}}
+        if thinking and micro == 0 and ranks.mode == "none" and cfg.grad_split_interval and \
+                (step - cfg.plain_steps) % cfg.grad_split_interval == 0:
+            split = gradient_split(run.qs, out)
+        (out["loss"] / cfg.grad_accum).backward()
+        for k, v in out.items():
+            if k != "policy_term":
+                parts[k] = parts.get(k, 0.0) + v.item() / cfg.grad_accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.qs.parameters(), cfg.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm    # FSDP: a DTensor
+    if parallel.any_rank(not torch.isfinite(grad_norm), ranks):
+        return {"step": step + 1, "nonfinite": {"grad_norm": float(grad_norm)}}
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    with parallel.gathered(run.qs, ranks):
+        drift = run.qs.markers.drift()
+    parts = {k: parallel.mean(v, ranks) for k, v in parts.items()}                 # the mean over ranks
+    return {"step": step + 1, "phase": "think" if thinking else "plain", **{k: round(v, 6) for k, v in parts.items()},
+            **split, "grad_norm": round(grad_norm.item(), 4), "lr": run.optimizer.param_groups[0]["lr"],
+            "marker_drift_start": round(drift[0], 6), "marker_drift_end": round(drift[1], 6),
+            "tokens_per_s": round(batch_size * ranks.world * cfg.grad_accum * cfg.seq_len / (time.time() - t0), 1)}
+
+
+def run_loop(run: Run, start_step: int) -> int:
+    from tqdm import tqdm
+    cfg, main = run.cfg, run.ranks.main
+    if start_step == 0:
+        run.log({"step": 0} | evaluate(run))
+        say(run, "before training:\n    " + format_eval(run.log.rows[-1]))
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, unit="step",
+               dynamic_ncols=True, disable=not main)
+    with StopRequest() as stop:
+        for step in bar:
+            row = train_step(run, step)
+            if "nonfinite" in row:
+                bar.close()
+                return stop_on_nan(row, run)
+            done = row["step"]
+            if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+                row |= evaluate(run)
+            run.log(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row.get('reward_mean', 0):+.3f}",
+                            mix=f"{row.get('mix_weight_mean', 0):+.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            stopping = parallel.any_rank(stop.signal is not None, run.ranks)
+            if done % cfg.save_interval == 0 or done == cfg.max_steps or stopping:
+                save_checkpoint(run, done)
+            if stopping:
+                bar.close()
+                say(run, f"stopped at step {done}; checkpoint saved in {run.out_dir}. Continue with: "
+                         f"python train.py --out_dir {run.out_dir} --resume")
+                return 0 if stop.signal in (None, signal.SIGTERM) else 130
+    bar.close()
+    return 0
+
+
+def say(run: Run, text: str):
+    if run.ranks.main:
+        print(text, flush=True)
+
+
+def stop_on_nan(row: dict, run: Run) -> int:
+    values = ", ".join(f"{k}={v:.4g}" for k, v in row["nonfinite"].items())
+    last_good, out_dir = checkpoint_step(run.out_dir), run.out_dir
+    where = (f"the last good checkpoint (step {last_good}) is in {out_dir}; continue it with lower learning rates: "
+             f"python train.py --out_dir {out_dir} --resume --lr <smaller> --lr_mixing_head <smaller>"
+             if last_good else "no checkpoint was written; start again with a lower --lr or --lr_mixing_head")
+    return fail(f"non-finite value at step {row['step']} ({values}). Stopped without saving; {where}", code=1)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON line per step, written by rank 0. On resume, only the rows up to the checkpoint's
+    step are kept."""
+
+    def __init__(self, path: Path, start_step: int, write: bool = True):
+        self.path, self.write = path, write
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() and start_step else []
+        self.rows = [r for r in rows if r["step"] <= start_step]
+        if write:
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def __call__(self, row: dict):
+        self.rows.append(row)
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# ---- 7. the end ----------------------------------------------------------------------------------------------
+
+def finish(run: Run, seconds: float, steps: int):
+    cfg, rows = run.cfg, run.log.rows
+    torch.manual_seed(cfg.seed)
+    with parallel.gathered(run.qs, run.ranks):
+        records = thought_records(run.qs, run.tokenizer, torch.from_numpy(run.val["text"][0][0]).to(run.device),
+                                  run.filler_id)
+    if not run.ranks.main:
+        return
+    page = write_thoughts_page(run.out_dir / "thoughts.html", records, rows, title=f"Quiet-STaR thoughts: {cfg.model}")
+    evals = [r for r in rows if "eval_nll_none" in r]
+    plain = sum(r.get("phase") == "plain" for r in rows[-steps:]) if steps else 0
+    print(f"\n{steps} steps ({plain} plain, {steps - plain} thinking) in {seconds / 60:.1f} min"
+          f"{f' on {run.ranks.world} ranks ({cfg.parallel})' if run.ranks.world > 1 else ''}")
+    print(f"  first eval:\n    {format_eval(evals[0])}")
+    print(f"  last eval:\n    {format_eval(evals[-1])}")
+    if "reward_mean" in rows[-1]:
+        print(f"  last step:  loss {rows[-1]['loss']:.4f}, reward {rows[-1]['reward_mean']:+.4f}, "
+              f"mixing weight {rows[-1]['mix_weight_mean']:+.4f}")
+    print(f"  checkpoint: {run.out_dir}  (load_pretrained('{run.out_dir}') or QuietStar.from_pretrained)")
+    print(f"  thoughts:   {page}")
 
 
 def format_eval(row: dict) -> str:
     """One line per token set: NLL none / sampled / filler / shuffled, then sampled minus each, with 95% CIs."""
     lines = []
     for prefix, label in (("eval_", "all tokens"), ("eval_hard_", "hardest 10%"), ("eval_answer_", "bare answers")):
-        if f"{prefix}nll_none" not in row:
-            continue
-        nlls = " / ".join(f"{row[f'{prefix}nll_{p}']:.4f}" for p in ("none", "sampled", "filler", "shuffled"))
-        diffs = ", ".join(f"{k.split('-')[1]} {m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for k, (m, lo, hi) in row[f"{prefix}diff"].items())
-        lines.append(f"{label:>12}: NLL none / sampled / filler / shuffled {nlls}; sampled minus: {diffs}")
+        if f"{prefix}nll_none" in row:
+            nlls = " / ".join(f"{row[f'{prefix}nll_{p}']:.4f}" for p in PREDICTORS)
+            diffs = ", ".join(f"{k.split('-')[1]} {m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+                              for k, (m, lo, hi) in row[f"{prefix}diff"].items())
+            lines.append(f"{label:>12}: NLL none / sampled / filler / shuffled {nlls}; sampled minus: {diffs}")
     return "\n    ".join(lines)
 
 
-def print_summary(rows, seconds, steps, out_dir, page):
-    evals = [r for r in rows if "eval_nll_none" in r]
-    last = rows[-1]
-    plain = sum(r.get("phase") == "plain" for r in rows)
-    print(f"\n{steps} steps ({plain} plain, {steps - plain} thinking) in {seconds / 60:.1f} min")
-    print(f"  first eval:\n    {format_eval(evals[0])}")
-    print(f"  last eval:\n    {format_eval(evals[-1])}")
-    if "reward_mean" in last:
-        print(f"  last step:  loss {last['loss']:.4f}, reward {last['reward_mean']:+.4f}, "
-              f"mixing weight {last['mix_weight_mean']:+.4f}")
-    print(f"  checkpoint: {out_dir}  (load_pretrained('{out_dir}') or QuietStar.from_pretrained)")
-    print(f"  thoughts:   {page}")
+# ---- the table of contents -----------------------------------------------------------------------------------
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg, qcfg, changed = parse_args(argv)
+        ranks, device = parallel.setup(cfg.parallel, cfg.device, cfg.dist_timeout)
+        try:
+            return train(cfg, qcfg, changed, ranks, device)
+        finally:
+            parallel.teardown()
+    except (UsageError, ValueError, OSError) as e:
+        return fail(e)
+    except KeyboardInterrupt:
+        print("\ninterrupted; no checkpoint was written by this run", file=sys.stderr)
+        return 130
+
+
+def train(cfg: TrainConfig, qcfg: QuietStarConfig, changed: list[str], ranks: parallel.Ranks, device) -> int:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    gpu.matmul_tf32(device)
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    run = Run(cfg, qcfg, ranks, device, autocast_for(device, use_bf16), Path(cfg.out_dir))
+    prepare_out_dir(run.out_dir, cfg.model, cfg.resume)
+    documents = read_documents(cfg)
+    with RunLock(run.out_dir) if ranks.main else contextlib.nullcontext():
+        parallel.barrier(ranks)                                  # rank 0 holds the lock before anyone writes
+        checkpoint = verify_checkpoint(run.out_dir) if cfg.resume else None
+        run.qs, run.tokenizer = build_model(cfg, qcfg, device, use_bf16, checkpoint)
+        run.train_data, run.val = load_data(cfg, documents, run.tokenizer, (run.qs.model.config.eos_ids or [None])[0])
+        run.filler_id = filler_token_id(run.tokenizer)
+        run.step_module = parallel.wrap(run.qs, ranks, device, use_bf16)
+        run.optimizer = torch.optim.AdamW(param_groups(run.qs, cfg), betas=(0.9, 0.999), eps=1e-8,
+                                          fused=gpu.fused_adamw(device, ranks.mode))
+        start_step = resume_optimizer(run.qs, run.optimizer, checkpoint, cfg) if checkpoint else 0
+        run.log = MetricsLog(run.out_dir / "metrics.jsonl", start_step, write=ranks.main)
+        say(run, f"model {cfg.model}: {run.qs.model.n_params / 1e6:.1f}M parameters on {device}"
+                 f"{' (bf16 autocast)' if use_bf16 else ''}{f', {ranks.world} ranks ({cfg.parallel})' if ranks.world > 1 else ''}; "
+                 f"data {cfg.data}: {len(run.train_data.tokens):,} tokens; thoughts: {qcfg.n_thoughts} x "
+                 f"{qcfg.thought_len} tokens, scored on {qcfg.n_true} true tokens"
+                 + (f"\nresuming at step {start_step} with changed settings: {', '.join(changed)}" if changed else ""))
+        started = time.time()
+        code = run_loop(run, start_step)
+        if code == 0 and run.log.rows[-1]["step"] == cfg.max_steps:
+            finish(run, time.time() - started, cfg.max_steps - start_step)
+        return code
+
+
+def autocast_for(device, use_bf16: bool):
+    """bf16 matmuls on GPU (fp32 master weights and optimizer); the same wrapper, disabled, on the CPU."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 if __name__ == "__main__":

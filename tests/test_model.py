@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_model, word_tokenizer
-from model import Mistral, generate, load_pretrained, save_pretrained
+from generate import generate
+from model import Mistral, load_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 

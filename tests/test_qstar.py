@@ -1,11 +1,12 @@
 """qstar.py: the spec test against a naive one-position-at-a-time reference, the fast path against the
-dense masks, REINFORCE by hand, markers, the mixing head, gradients and a tiny overfit."""
+dense masks (fp32 and fp64), rewards and REINFORCE by hand, documents kept apart, no special tokens in thoughts,
+markers, the mixing head, gradients, a tiny overfit, and no tensor made on a default device."""
 
 import pytest
 import torch
 
-from conftest import tiny_model, word_tokenizer
-from qstar import QuietStar, QuietStarConfig, reinforce_loss
+from conftest import FavouriteTokensHead, tiny_model, word_tokenizer
+from qstar import QuietStar, QuietStarConfig, advantages, reinforce_loss, talk_targets, thought_rewards
 
 V, B, T, L = 37, 2, 9, 3
 
@@ -60,6 +61,60 @@ def test_fast_path_and_checkpointing_equal_dense_reference(fast, checkpointing):
     assert grads.keys() == ref_grads.keys()
     diff = max((grads[n] - ref_grads[n]).abs().max().item() for n in grads)
     assert diff <= 1e-5, f"gradients differ from the dense reference by {diff:.2e}"
+
+
+def test_fast_path_and_checkpointing_equal_dense_reference_in_fp64():
+    """In fp64 the three paths agree to rounding: loss parts and every gradient within 1e-12."""
+    qs = make_qstar(window=4, fast_attention=False).double()
+    torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.1)
+    tokens = torch.randint(0, V, (B, T))
+    ref_out, ref_grads = loss_and_grads(qs, tokens)
+    assert ref_out["loss"].dtype == torch.float64
+    for fast, checkpointing in ((True, False), (True, True)):
+        qs.config.fast_attention, qs.config.activation_checkpointing = fast, checkpointing
+        qs.model.activation_checkpointing = checkpointing
+        out, grads = loss_and_grads(qs, tokens)
+        assert max(abs(out[k].item() - ref_out[k].item()) for k in ref_out) <= 1e-12
+        assert max((grads[n] - ref_grads[n]).abs().max().item() for n in grads) <= 1e-12
+
+
+def test_thought_rewards_by_hand():
+    """N = 2 true tokens, T - 1 = 3 targets. The thought at i gains talk[u, i] - base[i + u] on x_{i+1+u}."""
+    talk = torch.tensor([[[-1.0, -2.0, -3.0], [-0.5, -0.25, 0.0]]])         # (B*M=1, N=2, T-1=3)
+    base = torch.tensor([[-1.5, -1.0, -4.0]])                                # log p_base(x_1), (x_2), (x_3)
+    scored = torch.ones(1, 2, 3, dtype=torch.bool)
+    # i=0: (-1 + 1.5) + (-0.5 + 1.0) = 1.0; i=1: (-2 + 1) + (-0.25 + 4) = 2.75; i=2: -3 + 4 = 1; i=3: none
+    assert thought_rewards(talk, base, scored).tolist() == [[1.0, 2.75, 1.0, 0.0]]
+    scored[0, 1, 1] = False                                                  # x_3 after the thought at 1 is
+    assert thought_rewards(talk, base, scored).tolist() == [[1.0, -1.0, 1.0, 0.0]]   # in the next document
+
+
+def test_advantages_by_hand():
+    reward = torch.tensor([[[1.0, -2.0], [3.0, 0.0]]])                      # (B=1, M=2, T=2)
+    assert advantages(reward, clip_negative=False).tolist() == [[[-1.0, -1.0], [1.0, 1.0]]]
+    assert advantages(reward, clip_negative=True).tolist() == [[[0.0, 0.0], [1.0, 1.0]]]
+    one = torch.tensor([[[0.5, -0.5]]])                                      # M = 1: the raw gain, clipped
+    assert advantages(one, clip_negative=True).tolist() == [[[0.5, 0.0]]]
+
+
+def test_a_single_thought_still_learns():
+    qs = make_qstar(n_thoughts=1)
+    torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.1)
+    out, grads = loss_and_grads(qs, torch.randint(0, V, (B, T)))
+    assert out["reinforce"] != 0 and grads["markers.scaled"][0].abs().max() > 0
+
+
+def test_a_thought_is_never_scored_on_the_next_document():
+    """EOS (id 4) at index 4 of 7 tokens, N = 3. After the thought at i, x_{i+1+u} counts if it exists and no EOS
+    lies in x_{i+1} .. x_{i+u}: predicting the EOS itself is fine, the tokens after it are another document."""
+    tokens = torch.tensor([[7, 8, 9, 10, 4, 11, 12]])
+    scored = talk_targets(tokens, torch.ones(1, 6, dtype=torch.bool), [4], n_true=3)
+    expected = [[1, 1, 1, 1, 1, 1],        # u = 0: x_1 .. x_6, every next token
+                [1, 1, 1, 0, 1, 0],        # u = 1: from i = 3, x_5 lies past the EOS x_4; i = 5 has no x_7
+                [1, 1, 0, 0, 0, 0]]        # u = 2: from i = 2, x_5 ...; i = 4 (the EOS): x_7 does not exist
+    assert scored.int().tolist() == [expected]
+    padded = talk_targets(tokens, torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool), [], n_true=2)
+    assert padded.int().tolist() == [[[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]]]   # no EOS; x_6 is padding
 
 
 def test_reinforce_by_hand():
@@ -127,12 +182,26 @@ def test_gradients_reach_markers_mixing_head_and_trunk():
     assert start_grad.abs().max() > 0 and end_grad.abs().max() > 0
 
 
-def test_sampled_thoughts_are_vocabulary_tokens_never_markers():
+def test_markers_are_parameters_outside_the_vocabulary():
+    """Built once, by construction: the markers are their own (2, D) parameter; the embedding and the LM head
+    keep their V rows, so no logit can ever name a marker (the official code adds two vocabulary rows)."""
     qs = make_qstar()
-    assert qs.model.lm_head.out_features == V                               # the markers have no logit
+    assert qs.model.embed_tokens.num_embeddings == V and qs.model.lm_head.out_features == V
+    assert qs.markers.scaled.shape == (2, qs.model.config.dim)
+    assert not any(p is qs.markers.scaled for p in qs.model.parameters())
+
+
+def test_thoughts_never_contain_eos_or_special_tokens():
+    tokenizer = word_tokenizer(V - 2)                                    # w0 .. w34, "---" = 35
+    tokenizer.add_special_tokens(["<|sep|>"])                            # id 36
+    model = tiny_model(V, window=None, eos_token_id=5)
+    qs = QuietStar(model, QuietStarConfig(thought_len=L, n_true=2), tokenizer)
+    assert qs.banned_thought_ids.tolist() == [5, 36]
+    model.lm_head = FavouriteTokensHead(V, [5, 36])
     ids = qs.sample_thoughts(torch.randint(0, V, (B, T)))
-    assert ids.shape == (B, T, L) and ids.dtype == torch.long
-    assert ids.min() >= 0 and ids.max() < V
+    assert ids.shape == (B, T, L) and not torch.isin(ids, torch.tensor([5, 36])).any()
+    out = qs(torch.randint(0, V, (B, T)))                                # the training path samples the same way
+    assert torch.isfinite(out["loss"])
 
 
 def test_thought_logits_rejects_wrong_shapes():

@@ -1,6 +1,8 @@
-"""The README is tested: every ```python block runs, in order, in one namespace; the file map's line counts
-are the files' line counts."""
+"""The README is tested: every ```python block runs, in order, in one namespace, and prints what the README shows
+after it (numbers to 1e-3, everything else exactly); the file map's line counts are the files' line counts."""
 
+import contextlib
+import io
 import re
 
 import pytest
@@ -8,18 +10,44 @@ import pytest
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
+NUMBER = re.compile(r"[-+]?\d+\.\d+(?:e[-+]?\d+)?|[-+]?\d+")
 
 
-def test_every_python_block_in_the_readme_runs(tmp_path, monkeypatch):
-    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    assert len(blocks) >= 5, "the guided tour should have its code blocks"
+def blocks_with_output():
+    """[(code, shown output or None)]: a ```python block and the plain ``` block right after it, if any."""
+    pattern = re.compile(r"```python\n(.*?)```\n(?:```\n(.*?)```)?", flags=re.S)
+    return [(m.group(1), m.group(2)) for m in pattern.finditer(README)]
+
+
+def same_output(printed: str, shown: str) -> bool:
+    if NUMBER.sub("#", printed).split() != NUMBER.sub("#", shown).split():
+        return False
+    return all(abs(float(a) - float(b)) <= 1e-3 * max(1.0, abs(float(b)))
+               for a, b in zip(NUMBER.findall(printed), NUMBER.findall(shown)))
+
+
+def test_every_python_block_in_the_readme_runs_and_prints_what_it_shows(tmp_path, monkeypatch):
+    blocks = blocks_with_output()
+    assert len(blocks) >= 6, "the guided tour should have its code blocks"
+    assert sum(shown is not None for _, shown in blocks) >= 6, "and show what they print"
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "readme"}
-    for number, block in enumerate(blocks, 1):
+    for number, (code, shown) in enumerate(blocks, 1):
+        printed = io.StringIO()
         try:
-            exec(compile(block, f"README.md python block {number}", "exec"), namespace)
+            with contextlib.redirect_stdout(printed):
+                exec(compile(code, f"README.md python block {number}", "exec"), namespace)
         except Exception as e:
-            pytest.fail(f"README python block {number} failed: {type(e).__name__}: {e}\n{block}")
+            pytest.fail(f"README python block {number} failed: {type(e).__name__}: {e}\n{code}")
+        if shown is not None:
+            assert same_output(printed.getvalue(), shown), \
+                f"README python block {number} printed\n{printed.getvalue()}\nbut the README shows\n{shown}"
+
+
+def test_the_output_comparison_can_fail():
+    assert same_output("loss 2.0958 and 'w'", "loss 2.0961 and 'w'")
+    assert not same_output("loss 2.0958", "loss 2.1958")
+    assert not same_output("thought 'a b'", "thought 'a c'")
 
 
 def test_file_map_line_counts_match_the_files():

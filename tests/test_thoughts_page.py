@@ -27,7 +27,7 @@ def make_tokens():
                      "mix_weight": round(0.5 + 0.45 * math.sin(i), 4),
                      "delta_nll": round(0.9 * math.sin(1.7 * i) - 0.15, 4), "nll_base": 2.0 + (i % 5)})
     toks.insert(5, {"text": NASTY, "thought": " x < y && z > 0", "mix_weight": 1.7, "delta_nll": -2.5,
-                    "nll_base": 9.0})
+                    "delta_nll_filler": -0.25, "nll_base": 9.0})
     toks.insert(9, {"text": " &", "thought": "a & b", "mix_weight": -0.3, "delta_nll": 0.3, "nll_base": 4.0})
     toks.insert(14, {"text": "\n\n", "thought": "new\nparagraph", "mix_weight": 0.2, "delta_nll": -0.01,
                      "nll_base": 1.0})
@@ -146,7 +146,7 @@ def test_top_table_lists_most_helpful_first(page):
     assert len(rows) == 10
     deltas = [float(r[3]) for r in rows]
     assert deltas == sorted(deltas) and deltas[0] == -2.5
-    assert rows[0][2] == NASTY and rows[0][5] == " x < y && z > 0"
+    assert rows[0][2] == NASTY and rows[0][4] == "-0.2500" and rows[0][6] == " x < y && z > 0"  # filler column
     best = sorted(t["delta_nll"] for t in tokens if t["delta_nll"] is not None)[:10]
     assert deltas == pytest.approx(best)
 
@@ -200,13 +200,15 @@ def png_size_and_pixels(data):
 
 
 def chromium_cmd(tmp_path):
-    """The headless Chromium command line (without the final action and URL); fails or skips if missing."""
-    if os.environ.get("QUIETSTAR_SKIP_BROWSER") == "1":
-        pytest.skip("QUIETSTAR_SKIP_BROWSER=1")
+    """The headless Chromium command line (without the final action and URL). Without Chromium the browser tests
+    skip, saying why; CI sets QUIETSTAR_REQUIRE_BROWSER=1, which turns that skip into a failure."""
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
-        pytest.fail("Chromium not found (neither 'chromium' nor 'chromium-browser' is on PATH): run "
-                    ".ci/install_chromium.sh, or set QUIETSTAR_SKIP_BROWSER=1 to skip the browser tests")
+        message = ("Chromium not found (neither 'chromium' nor 'chromium-browser' is on PATH): run "
+                   ".ci/install_chromium.sh to run the browser tests")
+        if os.environ.get("QUIETSTAR_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
     return [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600"]
@@ -242,4 +244,5 @@ def test_browser_info_box_and_checkbox(tmp_path):
     assert re.search(r'<body class="show-thoughts">', dom)
     assert '<span id="i-thought"> x &lt; y &amp;&amp; z &gt; 0</span>' in dom
     assert '<span id="i-mix">1.7000</span>' in dom and '<span id="i-delta">-2.5000</span>' in dom
+    assert '<span id="i-filler">-0.2500</span>' in dom                  # the filler thought's delta beside it
     assert "<script>alert" not in dom  # the token text went in as text, not markup

@@ -1,0 +1,150 @@
+"""The run folder (--out_dir) and its checkpoints: one step or nothing, never a file we did not write.
+
+    out_dir/
+      latest                  "checkpoint-000040": the one complete checkpoint, switched by an atomic rename
+      checkpoint-000040/      config.json, model.safetensors, tokenizer.json (Hugging Face layout),
+                              quietstar.safetensors + quietstar.json, train_config.json, train_state.pt,
+                              manifest.json (step and the size of every file, written last)
+      metrics.jsonl           one line per step
+      thoughts.html           the thoughts page
+      .lock                   held (fcntl) by the live run, with its pid
+
+A checkpoint is written complete into a temporary folder, then renamed to checkpoint-NNNNNN, then `latest` is
+replaced (os.replace: atomic), then older checkpoints go. A crash at any point leaves `latest` naming a complete
+checkpoint. load_pretrained("out_dir") and QuietStar.from_pretrained("out_dir") follow `latest`.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from cli import UsageError
+
+LATEST, MANIFEST, LOCK = "latest", "manifest.json", ".lock"
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json")
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = Path(out_dir) / LATEST
+    return Path(out_dir) / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def checkpoint_step(out_dir: Path) -> int | None:
+    folder = latest_checkpoint(out_dir)
+    return json.loads((folder / MANIFEST).read_text())["step"] if folder and (folder / MANIFEST).is_file() else None
+
+
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(out_dir: Path, step: int, write_files) -> Path:
+    """write_files(folder) writes a checkpoint's files into a fresh folder; this makes it the latest, atomically."""
+    out_dir = Path(out_dir)
+    tmp = out_dir / f".tmp-checkpoint-{step:06d}-{os.getpid()}"
+    final = out_dir / f"checkpoint-{step:06d}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write_files(tmp)
+        sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": sizes}, indent=2))
+        for f in tmp.iterdir():
+            _fsync(f)
+        if final.exists():                          # the same step saved again (a stop right after resuming)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        pointer = out_dir / f".{LATEST}.tmp"
+        pointer.write_text(final.name + "\n")
+        _fsync(pointer)
+        os.replace(pointer, out_dir / LATEST)       # the switch: one atomic rename
+        _fsync(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in out_dir.glob("checkpoint-*"):
+        if old != final and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(out_dir: Path) -> Path:
+    """The latest checkpoint's folder, after checking that every file the manifest lists is there, whole."""
+    folder = latest_checkpoint(out_dir)
+    if folder is None:
+        raise UsageError(f"--resume but {out_dir} holds no checkpoint (no {LATEST} file)")
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise UsageError(f"{folder} has no {MANIFEST}: the checkpoint is incomplete; start a new --out_dir")
+    expected = json.loads(manifest.read_text())
+    for name, size in expected["files"].items():
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != size:
+            raise UsageError(f"checkpoint {folder}: {name} is missing or has the wrong size "
+                             f"({f.stat().st_size if f.is_file() else 'missing'} != {size} bytes): it was "
+                             f"modified after step {expected['step']} was written; start a new --out_dir")
+    return folder
+
+
+def prepare_out_dir(out_dir: Path, model: str, resume: bool):
+    """Refuse an out_dir that is a file, the model's own folder, or a folder holding a model we did not write;
+    refuse to start over a checkpoint, or to resume without one."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out_dir {out_dir} is a file, not a folder")
+    model_path = Path(model).expanduser()
+    if model_path.exists() and out_dir.exists() and model_path.resolve() == out_dir.resolve() and not resume:
+        raise UsageError(f"--out_dir {out_dir} is the --model folder itself; choose another --out_dir "
+                         "(the checkpoint would overwrite the model)")
+    step = checkpoint_step(out_dir)
+    foreign = [f for f in MODEL_FILES if (out_dir / f).exists()]
+    if foreign:
+        raise UsageError(f"--out_dir {out_dir} holds a model that train.py did not write ({', '.join(foreign)}); "
+                         "choose another --out_dir")
+    if resume and step is None:
+        raise UsageError(f"--resume but {out_dir} holds no checkpoint; drop --resume to start a new run")
+    if not resume and step is not None:
+        raise UsageError(f"--out_dir {out_dir} already holds a checkpoint at step {step}. Continue it with "
+                         "--resume, or choose another --out_dir")
+
+
+class RunLock:
+    """An exclusive lock on out_dir for the life of the run: a second run on the same folder is refused with
+    the live run's pid. fcntl locks die with their process, so a crashed run leaves no stale lock."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / LOCK
+        self.handle, self.created = None, not Path(out_dir).exists()
+
+    def __enter__(self):
+        import fcntl
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise UsageError(f"--out_dir {self.path.parent} is in use by another run (pid {owner}); wait for it "
+                             "to finish or choose another --out_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+        for stale in self.path.parent.glob(".tmp-checkpoint-*"):   # left by a run that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle:
+            self.handle.close()
+            self.path.unlink(missing_ok=True)
+            if self.created and not any(self.path.parent.iterdir()):   # a run that failed before writing
+                self.path.parent.rmdir()
+        return False

@@ -1,0 +1,78 @@
+"""The GPU code paths, run on the CPU: train.py's own bf16 autocast wrapper around real training steps (with and
+without activation checkpointing, and LoRA on a bf16 frozen base), and the fast thought attention in bf16 against
+the dense-mask reference in bf16. What cannot run here at all is listed in gpu.py."""
+
+import pytest
+import torch
+
+import train
+from conftest import tiny_model, word_tokenizer
+from data import TokenWindows
+from model import save_pretrained
+from qstar import QuietStar, QuietStarConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-gpu-paths")
+    save_pretrained(tiny_model(37, window=None, std=0.1, eos_token_id=3), word_tokenizer(36), path)
+    return path
+
+
+def one_step(tiny_dir, tmp_path, bf16: bool, **overrides) -> dict:
+    """A thinking step exactly as train.main runs it, on the CPU, with the bf16 autocast switched on or off."""
+    cfg, qcfg, _ = train.parse_args([f"--model={tiny_dir}", f"--out_dir={tmp_path}", "--seq_len=12",
+                                     "--thought_len=3", "--n_true=2", "--batch_size=2", "--lr=1e-3",
+                                     *[(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k}={v}"
+                                       for k, v in overrides.items()]])
+    device = torch.device("cpu")
+    run = train.Run(cfg, qcfg, train.parallel.Ranks(), device, train.autocast_for(device, bf16), tmp_path)
+    run.qs, run.tokenizer = train.build_model(cfg, qcfg, device, bf16, None)
+    torch.nn.init.normal_(run.qs.mixing_head.net[-1].weight, std=0.1)       # as after some training
+    texts = [" ".join(f"w{(7 * i + j) % 30 + 4}" for j in range(40)) for i in range(6)]
+    run.train_data = TokenWindows(texts, run.tokenizer, cfg.seq_len, 3, cfg.seed)
+    run.step_module = run.qs
+    run.optimizer = torch.optim.AdamW(train.param_groups(run.qs, cfg))
+    return train.train_step(run, step=0), run
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_a_bf16_autocast_step_is_finite_and_close_to_fp32(tiny_dir, tmp_path, checkpointing):
+    """bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2%); through two layers, the LM head and a
+    log-softmax the loss moves by about that much relative to its size: 2% of the loss is a generous bound."""
+    fp32, _ = one_step(tiny_dir, tmp_path / "a", False, activation_checkpointing=checkpointing)
+    bf16, run = one_step(tiny_dir, tmp_path / "b", True, activation_checkpointing=checkpointing)
+    assert "nonfinite" not in bf16 and torch.isfinite(torch.tensor(bf16["loss"]))
+    for key in ("loss", "nll_base", "nll_talk"):
+        assert bf16[key] == pytest.approx(fp32[key], rel=0.02), key
+    assert bf16[key] != fp32[key]                                           # autocast really was on
+    assert run.qs.markers.scaled.dtype == torch.float32                    # fp32 masters
+
+
+def test_lora_on_a_bf16_frozen_base(tiny_dir, tmp_path):
+    row, run = one_step(tiny_dir, tmp_path, True, lora_rank=4, lora_alpha=8)
+    assert "nonfinite" not in row and row["grad_norm"] > 0
+    frozen = [p for p in run.qs.model.parameters() if not p.requires_grad]
+    trained = [p for p in run.qs.model.parameters() if p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)       # the base: bf16, frozen
+    assert trained and all(p.dtype == torch.float32 for p in trained)     # the adapters, fp32
+    lora_b = [m.lora_B.weight for m in run.qs.model.modules() if hasattr(m, "lora_B")]
+    assert lora_b and all(b.abs().max() > 0 for b in lora_b)                # B starts at 0: the step moved it
+
+
+def test_fast_thought_attention_in_bf16_matches_the_dense_reference_in_bf16():
+    """Both bf16 paths against an fp64 reference: the fast path (summary key, own-key dot products) must be as
+    accurate as the dense-mask path, within bf16's precision (twice the dense path's error, plus 1%)."""
+    tokens, thoughts = torch.randint(0, 37, (2, 9)), torch.randint(0, 37, (2, 9, 3))
+    logits = {}
+    for name, dtype, fast in (("ref", torch.float64, False), ("dense", torch.bfloat16, False),
+                              ("fast", torch.bfloat16, True)):
+        qs = QuietStar(tiny_model(37, window=4), QuietStarConfig(thought_len=3, fast_attention=fast),
+                       word_tokenizer(36)).to(dtype)
+        with torch.no_grad():
+            logits[name] = qs.thought_logits(tokens, thoughts).double()
+    dense_error = (logits["dense"] - logits["ref"]).abs().max().item()
+    fast_error = (logits["fast"] - logits["ref"]).abs().max().item()
+    scale = logits["ref"].abs().max().item()
+    assert 0 < dense_error < 0.05 * scale
+    assert fast_error <= 2 * dense_error + 0.01 * scale, (fast_error, dense_error, scale)
