@@ -22,11 +22,14 @@ NAMES = ["Maya", "Tom", "Aisha", "Luis", "Priya", "Ben", "Chen", "Sara", "Omar",
 THINGS = ["marbles", "apples", "stickers", "books", "coins", "pencils", "cookies", "stamps", "shells", "cards"]
 
 
-def arithmetic_problem(rng: random.Random, bare: bool = False) -> str:
+KINDS = ("add", "sub", "mul", "multi")      # a + d, a - d, b * c, and a + b * c - d in three steps
+
+
+def arithmetic_problem(rng: random.Random, bare: bool = False, kinds: tuple[str, ...] = KINDS) -> str:
     """One word problem with one to three steps of +, - and *: worked ("A: 4*6=24. ... The answer is 47.")
     or, with bare=True, with the answer alone ("A: 47."), the form in which only a thought can do the work."""
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    kind = rng.randrange(4)
+    kind = rng.randrange(4) if kinds == KINDS else KINDS.index(rng.choice(kinds))
     a, b, c = rng.randint(11, 89), rng.randint(2, 9), rng.randint(2, 12)
     if kind == 0:
         d = rng.randint(11, 89)
@@ -50,10 +53,22 @@ def arithmetic_problem(rng: random.Random, bare: bool = False) -> str:
     return f"Q: {question}\nA: {steps} The answer is {answer}.\n"
 
 
-def arithmetic_texts(n: int, seed: int, bare_fraction: float = 0.0) -> list[str]:
-    """n problems; each one bare (answer only) with probability bare_fraction, else worked."""
+def arithmetic_texts(n: int, seed: int, bare_fraction: float = 0.0, kinds: str | tuple[str, ...] = KINDS) -> list[str]:
+    """n problems of the given kinds (a tuple, or "all" / a comma list such as "mul"); each one bare (answer
+    only) with probability bare_fraction, else worked."""
+    kinds = parse_kinds(kinds)
     rng = random.Random(seed)
-    return [arithmetic_problem(rng, bare=bare_fraction > 0 and rng.random() < bare_fraction) for _ in range(n)]
+    return [arithmetic_problem(rng, bare_fraction > 0 and rng.random() < bare_fraction, kinds) for _ in range(n)]
+
+
+def parse_kinds(kinds: str | tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(kinds, tuple):
+        return kinds
+    chosen = KINDS if kinds == "all" else tuple(k.strip() for k in kinds.split(","))
+    unknown = sorted(set(chosen) - set(KINDS))
+    if unknown or not chosen:
+        raise ValueError(f"--problems {kinds!r}: choose 'all' or a comma list of {', '.join(KINDS)}")
+    return tuple(k for k in KINDS if k in chosen)
 
 
 BARE_ANSWER = re.compile(r"(?:^|\n)A: (\d+)\.\n")

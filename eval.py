@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from cli import Parser, UsageError, add_model_options, at_least, check_writable, fail, load_model
-from data import TokenWindows, arithmetic_texts, bare_answer_spans, document_text, read_texts
+from data import TokenWindows, arithmetic_texts, bare_answer_spans, document_text, parse_kinds, read_texts
 from qstar import QuietStar
 
 TASKS = ("gsm8k", "csqa", "gsm8k_gen", "nll", "thoughts")
@@ -393,7 +393,7 @@ def thoughts_page_path(args) -> Path:
 
 def thoughts_page(args) -> Path:
     from thoughts_page import write_thoughts_page
-    text = (arithmetic_texts(8, seed=HELDOUT_SEED + args.seed, bare_fraction=args.bare_fraction)
+    text = (arithmetic_texts(8, seed=HELDOUT_SEED + args.seed, bare_fraction=args.bare_fraction, kinds=args.problems)
             if args.data == "arithmetic" else read_texts(args.data, limit=1))
     out = thoughts_page_path(args)
     check_writable(out, "--out")
@@ -413,7 +413,8 @@ def nll_texts(args) -> tuple[list[str], object]:
     """The documents of the nll task and the focus function: built-in arithmetic problems from a seed no
     training run uses (--bare_fraction of them bare, whose answer digits are the focus), or a data file."""
     if args.data == "arithmetic":
-        texts = arithmetic_texts(args.limit or 400, seed=HELDOUT_SEED + args.seed, bare_fraction=args.bare_fraction)
+        texts = arithmetic_texts(args.limit or 400, seed=HELDOUT_SEED + args.seed, bare_fraction=args.bare_fraction,
+                                 kinds=args.problems)
         return texts, bare_answer_spans if args.bare_fraction > 0 else None
     rows = read_rows("nll", args.data, args.limit)
     return [document_text(row, f"--data {args.data}: row {n}") for n, row in enumerate(rows, 1)], None
@@ -482,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "consecutive windows (the focus windows are always all scored) (default: all)")
     parser.add_argument("--bare_fraction", type=float, default=0.5, help="nll and thoughts on --data arithmetic: "
                         "fraction of problems answered bare; their digits are the focus tokens (default: %(default)s)")
+    parser.add_argument("--problems", default="all", help="--data arithmetic: all, or a comma list of add, sub, mul, "
+                        "multi (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="thought samples and held-out problems (default: 0)")
     return parser
 
@@ -493,6 +496,7 @@ def main(argv=None) -> int:
     try:
         if not 0 <= args.bare_fraction <= 1:
             raise UsageError(f"--bare_fraction must be between 0 and 1, got {args.bare_fraction}")
+        parse_kinds(args.problems)
         if args.task == "thoughts":
             print(f"wrote {thoughts_page(args)}")
             return 0

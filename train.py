@@ -26,7 +26,7 @@ import gpu
 import parallel
 from checkpoint import RunLock, checkpoint_step, prepare_out_dir, verify_checkpoint, write_checkpoint
 from cli import Parser, UsageError, add_dataclass_options, check, fail
-from data import TokenWindows, arithmetic_texts, bare_answer_spans, read_texts
+from data import TokenWindows, arithmetic_texts, bare_answer_spans, parse_kinds, read_texts
 from eval import PREDICTORS, compare_thoughts, filler_token_id, score_thoughts, thought_records
 from model import load_pretrained
 from qstar import QuietStar, QuietStarConfig, load_quietstar_parts
@@ -41,6 +41,7 @@ class TrainConfig:
     model: str = "smollm2-135m"     # built-in short name, a local Hugging Face folder or a Hub id
     data: str = "arithmetic"        # arithmetic (built in) | a .txt or .jsonl file | a Hub dataset name
     bare_fraction: float = 0.0      # arithmetic: the fraction of problems answered bare ("A: 47.") instead of worked
+    problems: str = "all"           # arithmetic: all, or a comma list of add, sub, mul, multi (a + b * c - d)
     out_dir: str = "out"            # run folder: checkpoint-N/ (Hugging Face layout), latest, metrics.jsonl, thoughts.html
     resume: bool = False            # continue the run saved in out_dir
     max_steps: int = 40             # optimizer steps in all (plain and thinking)
@@ -80,6 +81,7 @@ class TrainConfig:
         check(0 <= self.plain_steps <= self.max_steps,
               f"--plain_steps must be between 0 and --max_steps ({self.max_steps}), got {self.plain_steps}")
         check(0 <= self.bare_fraction <= 1, f"--bare_fraction must be between 0 and 1, got {self.bare_fraction}")
+        parse_kinds(self.problems)
         check(self.grad_clip > 0, f"--grad_clip must be positive (the largest gradient norm), got {self.grad_clip}")
         check(self.lora_alpha > 0, f"--lora_alpha must be positive, got {self.lora_alpha}")
         check(self.parallel in ("none", "ddp", "fsdp"), f"--parallel must be none, ddp or fsdp, got {self.parallel!r}")
@@ -91,12 +93,14 @@ class TrainConfig:
 PRESETS = {
     # The CPU quick start: short thoughts, so that the default run fits in about 10 minutes on 2 cores.
     "cpu": dict(thought_len=4, n_true=2, n_thoughts=2),
-    # Thinking that wins on held-out bare answers (README, "Does thinking help?"): half the problems are answered
-    # bare ("A: 47."); 200 cheap plain steps teach the worked format ("A: 23+19=42. ..."); then 60 Quiet-STaR
-    # steps with thoughts long enough to hold one equation, rewarded on the next 4 tokens (both answer digits).
-    "think": dict(bare_fraction=0.5, plain_steps=200, plain_batch_size=8, max_steps=260, batch_size=2, seq_len=64,
-                  lr=1e-4, lr_mixing_head=1e-3, lr_markers=1e-5, policy_weight=10.0, thought_len=12, n_true=4,
-                  n_thoughts=2, eval_interval=130, eval_windows=4, eval_answers=16, save_interval=50),
+    # Thinking aimed at bare answers (README, "Does thinking help?"): "buys 6 bags with 7 cards each" problems, half
+    # answered bare ("A: 42."), half worked ("A: 6*7=42. ..."): the model knows its times table when the factors
+    # stand side by side, not when it must pull them out of the sentence. 150 cheap plain steps teach the format;
+    # then 80 Quiet-STaR steps with thoughts long enough for one equation, rewarded on the next 4 tokens.
+    "think": dict(bare_fraction=0.5, problems="mul", plain_steps=150, plain_batch_size=8, max_steps=230,
+                  batch_size=2, seq_len=64, lr=1e-4, lr_mixing_head=1e-3, lr_markers=1e-5, policy_weight=10.0,
+                  thought_len=8, n_true=4, n_thoughts=2, eval_interval=115, eval_windows=4, eval_answers=16,
+                  save_interval=50),
     # The authors' run (docs/official_code.md): Mistral-7B-v0.1, OpenWebMath, 256-token windows, 8 documents per
     # step, n_ahead 12 (9 thought tokens), n_ahead_talk 4, n_passes 2, lr 1e-6, 20 warm-up steps, ~100 steps.
     "paper": dict(model="mistralai/Mistral-7B-v0.1", data="open-web-math/open-web-math", max_steps=100,
@@ -174,8 +178,8 @@ def read_documents(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     """-> training and held-out documents: the built-in arithmetic problems from two seeds, or the documents of
     --data with the last 5% held out. Read before anything is written, so that bad data fails fast."""
     if cfg.data == "arithmetic":
-        return (arithmetic_texts(4000, seed=cfg.seed, bare_fraction=cfg.bare_fraction),
-                arithmetic_texts(400, seed=cfg.seed + 1, bare_fraction=cfg.bare_fraction))
+        return (arithmetic_texts(4000, seed=cfg.seed, bare_fraction=cfg.bare_fraction, kinds=cfg.problems),
+                arithmetic_texts(400, seed=cfg.seed + 1, bare_fraction=cfg.bare_fraction, kinds=cfg.problems))
     texts = read_texts(cfg.data)
     if len(texts) < 2:
         raise UsageError(f"--data {cfg.data} has {len(texts)} document; train.py needs at least 2 (the last "
