@@ -93,14 +93,13 @@ class TrainConfig:
 PRESETS = {
     # The CPU quick start: short thoughts, so that the default run fits in about 10 minutes on 2 cores.
     "cpu": dict(thought_len=4, n_true=2, n_thoughts=2),
-    # Thinking aimed at bare answers (README, "Does thinking help?"): "buys 6 bags with 7 cards each" problems, half
-    # answered bare ("A: 42."), half worked ("A: 6*7=42. ..."): the model knows its times table when the factors
-    # stand side by side, not when it must pull them out of the sentence. 150 cheap plain steps teach the format;
-    # then 80 Quiet-STaR steps with thoughts long enough for one equation, rewarded on the next 4 tokens.
-    "think": dict(bare_fraction=0.5, problems="mul", plain_steps=150, plain_batch_size=8, max_steps=230,
-                  batch_size=2, seq_len=64, lr=1e-4, lr_mixing_head=1e-3, lr_markers=1e-5, policy_weight=10.0,
-                  thought_len=8, n_true=4, n_thoughts=2, eval_interval=115, eval_windows=4, eval_answers=16,
-                  save_interval=50),
+    # Thinking aimed at bare answers (README, "Does thinking help?"): half the problems are answered bare
+    # ("A: 47."), half worked ("A: 4*6=24. 23+24=47. ..."); 200 cheap plain steps teach the worked format; then 60
+    # Quiet-STaR steps with thoughts long enough to hold one equation, rewarded on the next 4 tokens (both digits).
+    # Measured: it does not make thinking win on the CPU (the README has the table and the reasons).
+    "think": dict(bare_fraction=0.5, plain_steps=200, plain_batch_size=8, max_steps=260, batch_size=2, seq_len=64,
+                  lr=1e-4, lr_mixing_head=1e-3, lr_markers=1e-5, policy_weight=10.0, thought_len=12, n_true=4,
+                  n_thoughts=2, eval_interval=130, eval_windows=4, eval_answers=16, save_interval=50),
     # The authors' run (docs/official_code.md): Mistral-7B-v0.1, OpenWebMath, 256-token windows, 8 documents per
     # step, n_ahead 12 (9 thought tokens), n_ahead_talk 4, n_passes 2, lr 1e-6, 20 warm-up steps, ~100 steps.
     "paper": dict(model="mistralai/Mistral-7B-v0.1", data="open-web-math/open-web-math", max_steps=100,

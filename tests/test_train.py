@@ -116,7 +116,7 @@ def test_presets_and_overrides():
     cfg, qcfg, _ = train.parse_args(["--thought_len=6", "--reinforce_temperature=3", "--no-fast_attention"])
     assert (cfg.preset, qcfg.thought_len, qcfg.reinforce_temperature, qcfg.fast_attention) == ("cpu", 6, 3.0, False)
     cfg, qcfg, _ = train.parse_args(["--preset", "think"])
-    assert (cfg.plain_steps, cfg.max_steps, qcfg.thought_len, cfg.bare_fraction) == (200, 260, 12, 0.5)
+    assert (cfg.plain_steps, cfg.max_steps, qcfg.thought_len, cfg.bare_fraction, cfg.problems) == (200, 260, 12, 0.5, "all")
 
 
 def test_help_lists_every_option_with_its_default_and_comment(capsys):
