@@ -205,8 +205,10 @@ def test_thoughts_page_of_a_built_in_model_does_not_shadow_its_name(world, monke
 def start_run(world, out_dir, *extra):
     argv = [f"--model={world}/model", f"--out_dir={out_dir}", "--max_steps=100000", "--save_interval=100000",
             "--eval_interval=100000", "--seq_len=16", "--eval_windows=1", "--thought_len=2", "--n_true=2", *extra]
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an inherited "ignore": give the run the
+    # default disposition a terminal gives it, so that Ctrl-C reaches it wherever the tests run.
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(condition, seconds=120):
