@@ -51,6 +51,9 @@ class Tokenizer1:
     def decode(self, ids):
         return " ".join(map(str, ids))
 
+    def get_added_tokens_decoder(self):
+        return {}                                   # no special tokens to keep out of the thoughts
+
 
 def peak_memory(device) -> float:
     """GiB: the allocator's peak on GPU, the process's peak resident set on CPU."""
