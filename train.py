@@ -13,7 +13,9 @@ Every field of TrainConfig (below) and of qstar.QuietStarConfig is an option.
 
 import argparse
 import contextlib
+import ctypes
 import json
+import os
 import signal
 import sys
 import time
@@ -497,6 +499,8 @@ def train(cfg: TrainConfig, qcfg: QuietStarConfig, changed: list[str], ranks: pa
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     gpu.matmul_tf32(device)
+    if device.type == "cpu":
+        fix_glibc_mmap_threshold()
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     run = Run(cfg, qcfg, ranks, device, autocast_for(device, use_bf16), Path(cfg.out_dir))
     prepare_out_dir(run.out_dir, cfg.model, cfg.resume)
@@ -522,6 +526,22 @@ def train(cfg: TrainConfig, qcfg: QuietStarConfig, changed: list[str], ranks: pa
         if code == 0 and run.log.rows[-1]["step"] == cfg.max_steps:
             finish(run, time.time() - started, cfg.max_steps - start_step)
         return code
+
+
+def fix_glibc_mmap_threshold():
+    """On the CPU, glibc's malloc raises its mmap threshold (up to 32 MiB) each time a large block is freed; after
+    that a step's many large, short-lived tensors come from the heap and fragment it. A fixed 1 MiB threshold (what
+    MALLOC_MMAP_THRESHOLD_=1048576 sets) keeps them in mmap, returned to the system when freed: 4.4 against 7.3 GiB
+    peak RSS at the same speed (results/allocator.json). Harmless under jemalloc or tcmalloc (LD_PRELOAD); skipped
+    off glibc and when the user set the variable."""
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_MMAP_THRESHOLD = -3                                        # from glibc's malloc.h
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
 def autocast_for(device, use_bf16: bool):
