@@ -199,3 +199,25 @@ def test_peft_loads_the_lora_adapters(tiny_dir, tmp_path):
     with torch.no_grad():
         diff = (with_adapters(tokens).logits - merged(tokens)).abs().max().item()
     assert diff <= 1e-4, f"peft + transformers vs our merged LoRA checkpoint: {diff:.2e}"
+
+
+def test_glibc_mmap_threshold_is_fixed_unless_the_user_set_it(monkeypatch):
+    calls = []
+
+    class Libc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+    monkeypatch.setattr(train.sys, "platform", "linux")
+    monkeypatch.setattr(train.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")
+    train.fix_glibc_mmap_threshold()
+    assert calls == []                                           # the user's own setting wins
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    train.fix_glibc_mmap_threshold()
+    assert calls == [(-3, 1 << 20)]                              # M_MMAP_THRESHOLD is -3 in glibc's malloc.h
+
+    def no_glibc(name):
+        raise OSError(name)
+    monkeypatch.setattr(train.ctypes, "CDLL", no_glibc)
+    train.fix_glibc_mmap_threshold()                             # musl and others: nothing to do, no error
