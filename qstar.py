@@ -91,7 +91,8 @@ class ThoughtMarkers(nn.Module):
     @torch.no_grad()
     def drift(self) -> tuple[float, float]:
         """How far <start> and <end> moved from their initial embedding, relative to its size."""
-        start, end = self()
+        scaled = self.scaled.full_tensor() if hasattr(self.scaled, "full_tensor") else self.scaled   # FSDP: a shard
+        start, end = scaled * self.grad_scale
         size = self.initial.norm()
         return ((start - self.initial).norm() / size).item(), ((end - self.initial).norm() / size).item()
 
@@ -266,13 +267,17 @@ class QuietStar(nn.Module):
         """h (.., D), targets (..) -> log softmax(lm_head(h))[targets] (..): a prediction's log-prob of a token."""
         return promoted(self.model.lm_head(h)).log_softmax(dim=-1).gather(-1, targets[..., None])[..., 0]
 
+    def thought_token_logits(self, h: Tensor) -> Tensor:
+        """The LM head's logits for a thought token (at least fp32): never EOS or a special token."""
+        return promoted(self.model.lm_head(h)).index_fill(-1, self.banned_thought_ids, float("-inf"))
+
     def _thought_token(self, h: Tensor, given: Tensor | None) -> tuple[Tensor, Tensor]:
         """Step 2's choice of the next thought token: h (B*M, T, D) -> (log-prob at the REINFORCE temperature,
         token (B*M, T)). The token is sampled from softmax(logits / thought_temperature), never EOS or a
         special token, unless `given` (teacher-forced thoughts). No gradient flows through the choice."""
         cfg = self.config
         temperature = cfg.reinforce_temperature or cfg.thought_temperature
-        logits = promoted(self.model.lm_head(h)).index_fill(-1, self.banned_thought_ids, float("-inf"))
+        logits = self.thought_token_logits(h)
         logp_all = (logits if temperature == 1 else logits / temperature).log_softmax(dim=-1)
         if given is None:
             scaled = logp_all if cfg.thought_temperature == temperature else logits / cfg.thought_temperature

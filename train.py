@@ -39,7 +39,7 @@ from thoughts_page import write_thoughts_page
 
 @dataclass
 class TrainConfig:
-    preset: str = "cpu"             # cpu: the quick start; think: thinking that wins on bare answers; paper: Mistral-7B
+    preset: str = "cpu"             # cpu: the quick start; think: aimed at bare answers (does not win here); paper: Mistral-7B
     model: str = "smollm2-135m"     # built-in short name, a local Hugging Face folder or a Hub id
     data: str = "arithmetic"        # arithmetic (built in) | a .txt or .jsonl file | a Hub dataset name
     bare_fraction: float = 0.0      # arithmetic: the fraction of problems answered bare ("A: 47.") instead of worked
@@ -369,8 +369,7 @@ def train_step(run: Run, step: int) -> dict:
         return {"step": step + 1, "nonfinite": {"grad_norm": float(grad_norm)}}
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    with parallel.gathered(run.qs, ranks):
-        drift = run.qs.markers.drift()
+    drift = run.qs.markers.drift()                  # under FSDP gathers the two marker rows, not the whole root
     parts = {k: parallel.mean(v, ranks) for k, v in parts.items()}                 # the mean over ranks
     return {"step": step + 1, "phase": "think" if thinking else "plain", **{k: round(v, 6) for k, v in parts.items()},
             **split, "grad_norm": round(grad_norm.item(), 4), "lr": run.optimizer.param_groups[0]["lr"],
