@@ -56,7 +56,7 @@ def write_checkpoint(out_dir: Path, step: int, write_files) -> Path:
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": sizes}, indent=2))
         for f in tmp.iterdir():
             _fsync(f)
-        if final.exists():                          # the same step saved again (a stop right after resuming)
+        if final.exists():                          # left by a run that died before switching `latest`
             shutil.rmtree(final)
         os.rename(tmp, final)
         pointer = out_dir / f".{LATEST}.tmp"

@@ -29,7 +29,7 @@ def arithmetic_problem(rng: random.Random, bare: bool = False, kinds: tuple[str,
     """One word problem with one to three steps of +, - and *: worked ("A: 4*6=24. ... The answer is 47.")
     or, with bare=True, with the answer alone ("A: 47."), the form in which only a thought can do the work."""
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    kind = rng.randrange(4) if kinds == KINDS else KINDS.index(rng.choice(kinds))
+    kind = KINDS.index(rng.choice(kinds))
     a, b, c = rng.randint(11, 89), rng.randint(2, 9), rng.randint(2, 12)
     if kind == 0:
         d = rng.randint(11, 89)
@@ -95,6 +95,20 @@ def document_text(row: dict, where: str) -> str:
     raise ValueError(f"{where}: a row needs a 'text' field (or GSM8K's 'question' and 'answer'); it has {sorted(row)}")
 
 
+def read_jsonl(path: Path):
+    """(line number, object) for each non-empty line of a .jsonl file, with a clear error for a bad line."""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: a line must be a JSON object, got {type(row).__name__}")
+        yield number, row
+
+
 def read_texts(spec: str, limit: int | None = None) -> list[str]:
     """Documents from `spec`: "arithmetic", a .txt file (blank-line separated), a .jsonl file (a "text"
     field, or GSM8K's question/answer), or a Hub dataset name (needs the `datasets` library)."""
@@ -105,15 +119,7 @@ def read_texts(spec: str, limit: int | None = None) -> list[str]:
         docs = [d.strip() for d in path.read_text().split("\n\n") if d.strip()]
     elif path.suffix == ".jsonl" and path.exists():
         docs = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: a line must be a JSON object, got {type(row).__name__}")
+        for number, row in read_jsonl(path):
             docs.append(document_text(row, f"{path}:{number}"))
             if limit and len(docs) >= limit:
                 break

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from cli import Parser, UsageError, add_model_options, at_least, check_writable, fail, load_model
-from data import TokenWindows, arithmetic_texts, bare_answer_spans, document_text, parse_kinds, read_texts
+from data import TokenWindows, arithmetic_texts, bare_answer_spans, document_text, parse_kinds, read_jsonl, read_texts
 from qstar import QuietStar
 
 TASKS = ("gsm8k", "csqa", "gsm8k_gen", "nll", "thoughts")
@@ -52,15 +52,7 @@ def read_rows(task: str, data: str, limit: int | None) -> list[dict]:
     """Rows of a local .jsonl file, or of the task's Hub dataset when `data` names it (needs `datasets`)."""
     path = Path(data).expanduser()
     if path.is_file():
-        rows = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from None
-                if not isinstance(rows[-1], dict):
-                    raise ValueError(f"{path}:{number}: a line must be a JSON object")
+        rows = [row for _, row in read_jsonl(path)]
     elif data in ("hub", *(spec[0] for spec in HUB_DATASETS.values())) and task in HUB_DATASETS:
         import datasets
         name, config, split = HUB_DATASETS[task]

@@ -58,8 +58,8 @@ def think(qs: QuietStar, cache, position: int, generator=None) -> tuple[list[int
         if step == cfg.thought_len + 2:
             break
         if step <= cfg.thought_len:
-            logits = model.lm_head(h[:, -1]).float().index_fill(-1, qs.banned_thought_ids, float("-inf"))
-            ids.append(sample_from_logits(logits / cfg.thought_temperature, generator).item())
+            logits = qs.thought_token_logits(h[:, -1]) / cfg.thought_temperature
+            ids.append(sample_from_logits(logits, generator).item())
             x = model.embed(torch.tensor([[ids[-1]]], device=device))
         else:
             x = end.view(1, 1, -1)

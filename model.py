@@ -340,12 +340,11 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype = torch.float32
     cfg = MistralConfig.from_hf(json.loads(config_file.read_text()))
     with torch.device("meta"):
         model = Mistral(cfg)                           # shapes only, no memory
-    state = read_state_dict(model_dir)
-    if cfg.tie_embeddings:                             # one tensor serves both; some checkpoints store the copy
+    state = {k: v.to(device=device, dtype=dtype) for k, v in read_state_dict(model_dir).items()}
+    if cfg.tie_embeddings and "embed_tokens.weight" in state:   # one tensor serves both; some files store a copy
         state["lm_head.weight"] = state["embed_tokens.weight"]
     try:
-        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True,
-                              assign=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:                          # missing, unexpected or wrongly shaped tensors
         raise ValueError(f"the weights in {model_dir} do not match its config.json: "
                          f"{' '.join(str(e).split())[:600]}") from None

@@ -231,6 +231,19 @@ def test_generation_with_thinking_equals_a_naive_recomputation(tiny_qstar):
             ids.append(token)
 
 
+def test_plain_generation_equals_greedy_full_forwards(tiny_qstar):
+    """thinking=False is plain greedy decoding: each token the argmax of a full forward over the text so far,
+    recomputed without a cache, and no thoughts recorded."""
+    qs, tokenizer = tiny_qstar
+    gen = generate_with_thoughts(qs, tokenizer, "Q: 2 + 3 =", max_new_tokens=5, thinking=False, stop_at_eos=False)
+    assert len(gen.token_ids) == 5 and not any(gen.thought_ids)
+    ids = tokenizer.encode("Q: 2 + 3 =").ids
+    with torch.no_grad():
+        for token in gen.token_ids:
+            assert qs.model(torch.tensor([ids]))[0, -1].argmax().item() == token
+            ids.append(token)
+
+
 def test_eval_cli_writes_json_with_both_sides(tiny_qstar, tmp_path, monkeypatch, capsys):
     qs, tokenizer = tiny_qstar
     monkeypatch.setattr(QuietStar, "from_pretrained", classmethod(lambda cls, path, **kw: (qs, tokenizer)))
