@@ -5,15 +5,17 @@
 
 A Quiet-STaR step with n_ahead k (k - 3 thought tokens between the markers), n_ahead_talk t and P thoughts per
 position runs 1 + P * (k + t - 2) decoder passes of n tokens (one base pass shared by the P thoughts; the
-official code runs P * (k + t - 1)). So the least it can cost is that many plain steps, and
-    overhead = Quiet-STaR step time / (passes x plain step time)
-says how close we get (1.0 = thinking costs exactly its passes). A plain step also pays for AdamW once, and a
-Quiet-STaR step pays for it once for all its passes, so we also report the stricter
-    overhead_fwd_bwd = (Quiet-STaR step - optimizer) / (passes x (plain step - optimizer)).
+official code runs P * (k + t - 1)). So the least it can cost is that many plain steps. A plain step pays for
+AdamW once per pass, a Quiet-STaR step once for all its passes, so the honest ratio leaves the optimizer out of both:
+    fwd+bwd  = (Quiet-STaR step - optimizer) / (passes x (plain step - optimizer))    (1.0 = exactly its passes)
+and, beside it, the flattering one with the optimizer in both:
+    overhead = Quiet-STaR step / (passes x plain step).
 A step is forward, backward and AdamW on one document of n tokens. Both steps run in the same process (the
 plain one before and after the Quiet-STaR one; the faster is kept), so the ratio is taken under one load.
 Each configuration runs in its own process so that its peak memory (RSS on CPU, allocator peak on GPU) is
-its own. Random weights: speed does not depend on their values. The last line printed is JSON.
+its own. Random weights: speed does not depend on their values. On the CPU, a profile of the k = 12 SmolLM2 steps
+then splits a step's time into matmuls, attention kernels and all other ops, against `passes` plain steps: what
+the gap to 1.0 is made of. The last line printed is JSON.
 """
 
 import argparse
@@ -126,6 +128,43 @@ def measure_step(size: str, n: int, k: int, t: int, P: int, checkpointing: bool,
             "plain_peak_gib": plain_memory, "qstar_peak_gib": qstar_memory}
 
 
+def op_kind(name: str) -> str:
+    if name in ("aten::mm", "aten::addmm", "aten::bmm"):
+        return "matmuls"
+    return "attention kernels" if "scaled_dot_product" in name else "other ops"
+
+
+def where_time_goes(size: str, n: int, k: int, t: int, P: int, checkpointing: bool, device) -> dict:
+    """Self time per kind of op (torch.profiler, CPU) of one Quiet-STaR forward+backward and of `passes` plain
+    ones: which part of the step costs more than its passes. A separate process: profiling slows the step."""
+    from torch.profiler import profile
+
+    from qstar import QuietStar, QuietStarConfig
+    model = build(size, device)
+    tokens = torch.randint(0, model.config.vocab_size, (1, n), device=device)
+
+    def plain_step():
+        logits = model(tokens)
+        torch.nn.functional.cross_entropy(logits[0, :-1].float(), tokens[0, 1:]).backward()
+
+    qs = QuietStar(model, QuietStarConfig(thought_len=k - 3, n_true=t, n_thoughts=P, marker_init="x",
+                                          activation_checkpointing=checkpointing), Tokenizer1()).to(device)
+    torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.01)
+    passes = 1 + P * (k + t - 2)
+    seconds = {}
+    for name, fn, times in (("plain", plain_step, passes), ("qstar", lambda: qs(tokens)["loss"].backward(), 1)):
+        model.activation_checkpointing = checkpointing and name == "qstar"
+        fn()                                                           # warm-up
+        with profile() as prof:
+            fn()
+        by_kind = {}
+        for event in prof.key_averages():
+            by_kind[op_kind(event.key)] = by_kind.get(op_kind(event.key), 0.0) + event.self_cpu_time_total / 1e6
+        seconds[name] = {kind: value * times for kind, value in by_kind.items()}
+    return {"size": size, "n": n, "k": k, "t": t, "P": P, "checkpointing": checkpointing, "passes": passes,
+            "plain_x_passes_s": seconds["plain"], "qstar_s": seconds["qstar"]}
+
+
 def attention_memory(n: int, step: int, P: int = 2) -> dict:
     """Bytes one thought pass's attention keeps for backward (one layer, SmolLM2 head sizes), fast vs dense,
     counted exactly with saved-tensor hooks (each storage once; the cache tensors it reads are not counted)."""
@@ -219,6 +258,8 @@ def main():
         kind = spec.pop("kind")
         if kind == "step":
             print(json.dumps(measure_step(**spec, device=device)))
+        elif kind == "profile":
+            print(json.dumps(where_time_goes(**spec, device=device)))
         else:
             print(json.dumps(generation_speed(**spec, device=device)))
         return
@@ -227,6 +268,7 @@ def main():
         steps = [("tiny", n, k, False) for n in (128, 256) for k in (4, 12)] + [("smollm2-135m", 128, 4, False)]
         attention = [(n, s) for n in (128, 256, 512) for s in (1, 11)]
         generation = [("tiny", 12)]
+        profiles = [("tiny", 128, 12, False)]
         repeats = 3
     else:
         # SmolLM2 without checkpointing where it fits in 24 GiB (n=256, k=12 peaks near 20 GiB); with it beyond
@@ -235,16 +277,17 @@ def main():
         steps += [("smollm2-135m", n, k, True) for n, k in ((256, 12), (512, 4), (512, 12), (1024, 4), (1024, 12))]
         attention = [(n, s) for n in (128, 256, 512, 1024) for s in (1, 6, 11)]
         generation = [("smollm2-135m", 4), ("smollm2-135m", 12)]
+        profiles = [("smollm2-135m", 256, 12, False), ("smollm2-135m", 256, 12, True), ("smollm2-135m", 1024, 12, True)]
         repeats = 3
 
     figures = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "allocator": "jemalloc" if allocator else "default",
-               "steps": [], "attention": [], "generation": [], "overhead": {},
+               "steps": [], "profiles": [], "attention": [], "generation": [], "overhead": {},
                "overhead_fwd_bwd": {}}
     print(f"Quiet-STaR training step vs plain step ({device}, {torch.get_num_threads()} threads, allocator "
           f"{figures['allocator']}; t=4, P=2, 1 document)")
-    print(f"{'size':13} {'n':>5} {'k':>3} {'ckpt':>4} {'passes':>6} {'plain s':>8} {'qstar s':>8} {'overhead':>8} "
-          f"{'fwd+bwd':>8} {'tok/s':>7} {'plain GiB':>9} {'qstar GiB':>9}")
+    print(f"{'size':13} {'n':>5} {'k':>3} {'ckpt':>4} {'passes':>6} {'fwd+bwd':>8} {'overhead':>8} {'plain s':>8} "
+          f"{'qstar s':>8} {'tok/s':>7} {'plain GiB':>9} {'qstar GiB':>9}")
     for size, n, k, checkpointing in steps:
         r = run_child("step", allocator, size=size, n=n, k=k, t=4, P=2, checkpointing=checkpointing, repeats=repeats)
         figures["steps"].append(r)
@@ -254,10 +297,25 @@ def main():
         key = f"{size}/n{n}/k{k}" + ("/ckpt" if checkpointing else "")
         figures["overhead"][key] = round(r["overhead"], 4)
         figures["overhead_fwd_bwd"][key] = round(r["overhead_fwd_bwd"], 4)
-        print(f"{size:13} {n:>5} {k:>3} {'yes' if checkpointing else 'no':>4} {r['passes']:>6} {r['plain_s']:>8.3f} "
-              f"{r['qstar_s']:>8.2f} {r['overhead']:>8.3f} {r['overhead_fwd_bwd']:>8.3f} {r['qstar_tokens_per_s']:>7.1f} "
-              f"{r['plain_peak_gib']:>9.2f} "
-              f"{r['qstar_peak_gib']:>9.2f}")
+        print(f"{size:13} {n:>5} {k:>3} {'yes' if checkpointing else 'no':>4} {r['passes']:>6} "
+              f"{r['overhead_fwd_bwd']:>8.3f} {r['overhead']:>8.3f} {r['plain_s']:>8.3f} {r['qstar_s']:>8.2f} "
+              f"{r['qstar_tokens_per_s']:>7.1f} {r['plain_peak_gib']:>9.2f} {r['qstar_peak_gib']:>9.2f}")
+
+    if device.type == "cpu":
+        print("\nWhere the time goes: profiler self time (s) of one forward+backward, no optimizer; the profiler "
+              "adds a little to each op")
+        print(f"{'size':13} {'n':>5} {'k':>3} {'ckpt':>4} {'':17} {'qstar':>8} {'passes x plain':>14} {'ratio':>6}")
+        for size, n, k, checkpointing in profiles:
+            r = run_child("profile", allocator, size=size, n=n, k=k, t=4, P=2, checkpointing=checkpointing)
+            figures["profiles"].append(r)
+            if "error" in r:
+                print(f"{size:13} {n:>5} {k:>3} {'yes' if checkpointing else 'no':>4}  failed: {r['error']}")
+                continue
+            for kind in ("matmuls", "attention kernels", "other ops", "total"):
+                q, plain = ((sum(d.values()) if kind == "total" else d.get(kind, 0.0))
+                            for d in (r["qstar_s"], r["plain_x_passes_s"]))
+                print(f"{size:13} {n:>5} {k:>3} {'yes' if checkpointing else 'no':>4} {kind:>17} {q:>8.2f} "
+                      f"{plain:>14.2f} {q / plain:>6.3f}")
 
     print("\nAttention of one thought pass, one layer (9 query / 3 KV heads of 64, P=2): memory kept for backward")
     print(f"{'n':>5} {'step':>4} {'fast MiB':>9} {'dense MiB':>10} {'fast ms':>8} {'dense ms':>9}")

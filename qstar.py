@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from attention_mask import thought_positions
 from model import Mistral, load_pretrained, save_pretrained
 from thought_cache import DenseThoughtCache, ThoughtCache
+from token_logprob import token_logprob
 
 QUIETSTAR_WEIGHTS, QUIETSTAR_CONFIG = "quietstar.safetensors", "quietstar.json"
 
@@ -54,7 +54,7 @@ class QuietStarConfig:
     mixing_hidden: int | None = None   # hidden width of the mixing MLP; None = model dim (talk head: d)
     # speed and memory (results are the same either way; tests prove it)
     fast_attention: bool = True        # thought_cache.ThoughtCache; False = dense masks (the official way)
-    activation_checkpointing: bool = False  # recompute layers and LM-head log-probs in backward: ~1/3 slower, far less memory
+    activation_checkpointing: bool = False  # recompute each layer's forward in backward: slower, far less memory
 
     def __post_init__(self):
         for name in ("thought_len", "n_true", "n_thoughts"):
@@ -256,16 +256,10 @@ class QuietStar(nn.Module):
         positions = thought_positions(embeds.shape[1], step, device=embeds.device)      # i + step
         return self.model.hidden(embeds, positions, mask=cache.mask(step), cache=cache)
 
-    def _checkpointed(self, fn, *args):
-        """With activation checkpointing, fn's (.., V) logits are recomputed in backward instead of kept; the
-        preserved RNG state makes a recomputed sample the same sample. The one place checkpointing is applied."""
-        if self.config.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
     def _token_logp(self, h: Tensor, targets: Tensor) -> Tensor:
-        """h (.., D), targets (..) -> log softmax(lm_head(h))[targets] (..): a prediction's log-prob of a token."""
-        return promoted(self.model.lm_head(h)).log_softmax(dim=-1).gather(-1, targets[..., None])[..., 0]
+        """h (.., D), targets (..) -> log softmax(lm_head(h))[targets] (..): a prediction's log-prob of a token.
+        token_logprob.py keeps no (.., V) tensor for backward (it recomputes the logits there)."""
+        return token_logprob(self.model.lm_head, h, targets)[0]
 
     def thought_token_logits(self, h: Tensor) -> Tensor:
         """The LM head's logits for a thought token (at least fp32): never EOS or a special token."""
@@ -276,13 +270,12 @@ class QuietStar(nn.Module):
         token (B*M, T)). The token is sampled from softmax(logits / thought_temperature), never EOS or a
         special token, unless `given` (teacher-forced thoughts). No gradient flows through the choice."""
         cfg = self.config
-        temperature = cfg.reinforce_temperature or cfg.thought_temperature
-        logits = self.thought_token_logits(h)
-        logp_all = (logits if temperature == 1 else logits / temperature).log_softmax(dim=-1)
-        if given is None:
-            scaled = logp_all if cfg.thought_temperature == temperature else logits / cfg.thought_temperature
-            given = sample_from_logits(scaled.detach(), rows=self.sample_rows)
-        return logp_all.gather(-1, given[..., None])[..., 0], given
+
+        def sample(logits: Tensor) -> Tensor:                    # (B*M, T, V) with the banned ids at -inf
+            scaled = logits if cfg.thought_temperature == 1 else logits / cfg.thought_temperature
+            return sample_from_logits(scaled, rows=self.sample_rows)
+        return token_logprob(self.model.lm_head, h, sample if given is None else given,
+                             cfg.reinforce_temperature or cfg.thought_temperature, self.banned_thought_ids)
 
     # ---- the steps ----------------------------------------------------------------------------------------
 
@@ -310,7 +303,7 @@ class QuietStar(nn.Module):
             if j == L:
                 break                                                             # c_L only fills the cache
             given = thought_ids[..., j] if thought_ids is not None else None
-            logp, c = self._checkpointed(self._thought_token, h, given)
+            logp, c = self._thought_token(h, given)
             ids.append(c)
             logp_sum = logp_sum + logp
             x = self._embed(c)
@@ -338,7 +331,7 @@ class QuietStar(nn.Module):
             h = self._pass(x, step + u, cache)[:, :T - 1 - u]                     # (B*M, T-1-u, D)
             w = self.mixing_head(h_base[:, u:T - 1], h)                           # (B*M, T-1-u, 1)
             h_mixed = mix(h_base[:, u:T - 1], h, w)
-            logp[:, u, :T - 1 - u] = self._checkpointed(self._token_logp, h_mixed, rows[:, 1 + u:])
+            logp[:, u, :T - 1 - u] = self._token_logp(h_mixed, rows[:, 1 + u:])
             weight[:, u, :T - 1 - u] = w[..., 0]
             if u + 1 < N:  # next input at position i: the true token x_{i+1+u} (dummy past the end)
                 x = self._embed(F.pad(rows[:, 1 + u:], (0, 1 + u)))
@@ -356,7 +349,7 @@ class QuietStar(nn.Module):
         target_ok = (loss_mask if loss_mask is not None else torch.ones_like(tokens, dtype=torch.bool))[:, 1:]
         # 1. base pass, no thoughts
         h_base, cache = self.base_pass(tokens)
-        logp_base = self._checkpointed(self._token_logp, h_base[:, :-1], tokens[:, 1:])   # (B, T-1)
+        logp_base = self._token_logp(h_base[:, :-1], tokens[:, 1:])                  # (B, T-1)
         nll_base = masked_mean(-logp_base, target_ok)
         if not think:
             return {"loss": nll_base, "nll_base": nll_base.detach()}

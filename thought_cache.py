@@ -83,16 +83,18 @@ class ThoughtCache:
             self.thought_values[layer].append(v)
 
 
-def padded_dim(head_dim: int) -> int:
-    """Head dim plus one summary channel, rounded up to a multiple of 8 (what GPU SDPA kernels want)."""
-    return (head_dim + 1 + 7) // 8 * 8
+def padded_dim(head_dim: int, device: torch.device) -> int:
+    """Head dim plus one summary channel, rounded up to a multiple of 8 on a GPU (what its SDPA kernels want) and
+    of 2 on the CPU (measured at E = 64, n = 256 and 1024: 66 channels cost 7-9% more than 64, 72 cost 12-16%)."""
+    multiple = 2 if device.type == "cpu" else 8
+    return (head_dim + 1 + multiple - 1) // multiple * multiple
 
 
 def with_summary_slot(x: Tensor) -> Tensor:
     """(B, K, T, E) -> (B, K, 1 + T, E'): a summary row in front (1 in channel E, 0 elsewhere), and the
     real rows padded with zeros. Used for keys (score channel) and values (weight channel) alike."""
     B, K, T, E = x.shape
-    out = x.new_zeros(B, K, 1 + T, padded_dim(E))
+    out = x.new_zeros(B, K, 1 + T, padded_dim(E, x.device))
     out[:, :, 0, E] = 1.0
     out[:, :, 1:, :E] = x
     return out

@@ -39,12 +39,12 @@ def tiny_model(vocab_size=37, window=5, std=0.3, seed=2, **overrides):
     return model.eval()
 
 
-class FavouriteTokensHead(torch.nn.Module):
-    """An LM head that puts +30 on a few tokens and 0 on every other: an unmasked sampler picks them always."""
+class FavouriteTokensHead(torch.nn.Linear):
+    """An LM head (weights 0, a bias) that puts +30 on a few tokens and 0 on every other, whatever the hidden
+    state: an unmasked sampler picks them always."""
 
-    def __init__(self, vocab: int, favourite: list[int]):
-        super().__init__()
-        self.register_buffer("logits", torch.zeros(vocab).index_fill(0, torch.tensor(favourite), 30.0))
-
-    def forward(self, h):
-        return self.logits.expand(*h.shape[:-1], -1) + 0 * h[..., :1]
+    def __init__(self, dim: int, vocab: int, favourite: list[int]):
+        super().__init__(dim, vocab)
+        with torch.no_grad():
+            self.weight.zero_()
+            self.bias.copy_(torch.zeros(vocab).index_fill(0, torch.tensor(favourite), 30.0))

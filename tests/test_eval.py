@@ -198,7 +198,7 @@ def test_generated_thoughts_never_contain_eos_or_special_tokens(tiny_qstar):
     banned = qs.banned_thought_ids.tolist()
     assert 2 in banned and 0 in banned                                  # SmolLM2's <|im_end|>, <|endoftext|>
     head = qs.model.lm_head
-    qs.model.lm_head = FavouriteTokensHead(qs.model.config.vocab_size, [0, 2])
+    qs.model.lm_head = FavouriteTokensHead(qs.model.config.dim, qs.model.config.vocab_size, [0, 2])
     try:
         for seed in range(3):
             gen = generate_with_thoughts(qs, tokenizer, "Q: 2 + 3 =", max_new_tokens=6, temperature=1.0, seed=seed,

@@ -197,7 +197,7 @@ def test_thoughts_never_contain_eos_or_special_tokens():
     model = tiny_model(V, window=None, eos_token_id=5)
     qs = QuietStar(model, QuietStarConfig(thought_len=L, n_true=2), tokenizer)
     assert qs.banned_thought_ids.tolist() == [5, 36]
-    model.lm_head = FavouriteTokensHead(V, [5, 36])
+    model.lm_head = FavouriteTokensHead(model.config.dim, V, [5, 36])
     ids = qs.sample_thoughts(torch.randint(0, V, (B, T)))
     assert ids.shape == (B, T, L) and not torch.isin(ids, torch.tensor([5, 36])).any()
     out = qs(torch.randint(0, V, (B, T)))                                # the training path samples the same way
