@@ -201,6 +201,16 @@ class Block(nn.Module):
         return x, k, v
 
 
+def run_layers(x: Tensor, cos: Tensor, sin: Tensor, layers, attend_fns) -> tuple[Tensor, ...]:
+    """Consecutive decoder layers: -> (x, k_1, v_1, k_2, v_2, ..) with each layer's new keys and values. A pure
+    function of its inputs (the caches are only read, through attend_fns), so checkpointing may run it again."""
+    keys_values = []
+    for layer, attend_fn in zip(layers, attend_fns):
+        x, k, v = layer(x, cos, sin, attend_fn)
+        keys_values += [k, v]
+    return x, *keys_values
+
+
 # ---- caches: who attends to what --------------------------------------------------------------------
 
 class KVCache:
@@ -245,7 +255,10 @@ class Mistral(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.activation_checkpointing = False  # recompute each layer in backward: less memory, ~1/3 more time
+        self.activation_checkpointing = False  # recompute the layers' forward in backward: far less memory, slower
+        # With checkpointing, the input of every 2nd layer is kept: half the memory of keeping every layer's input,
+        # for the same recomputation (two layers' activations live at a time in backward instead of one).
+        self.layers_per_checkpoint = 2
 
     def embed(self, tokens: Tensor) -> Tensor:
         """Token ids (B, S) -> input embeddings (B, S, D)."""
@@ -266,19 +279,23 @@ class Mistral(nn.Module):
         positions = positions.expand(B, S) if positions.dim() == 1 else positions
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
                                 torch.promote_types(embeds.dtype, torch.float32))
+
+        def plain_attend(q, k, v):
+            return attend(q, k, v, mask, self.config.sliding_window)
+        checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
+        group = self.layers_per_checkpoint if checkpointing else 1
         x = embeds
-        for i, layer in enumerate(self.layers):
-            if cache is not None:
-                attend_fn = cache.attention(i, mask)
+        for first in range(0, len(self.layers), group):
+            layers = self.layers[first:first + group]
+            attend_fns = [cache.attention(i, mask) if cache is not None else plain_attend
+                          for i in range(first, first + len(layers))]
+            if checkpointing:   # keeps only x; the group's forward runs again in backward
+                x, *keys_values = checkpoint(run_layers, x, cos, sin, layers, attend_fns, use_reentrant=False)
             else:
-                def attend_fn(q, k, v):
-                    return attend(q, k, v, mask, self.config.sliding_window)
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x, k, v = checkpoint(layer, x, cos, sin, attend_fn, use_reentrant=False)
-            else:
-                x, k, v = layer(x, cos, sin, attend_fn)
+                x, *keys_values = run_layers(x, cos, sin, layers, attend_fns)
             if cache is not None:
-                cache.append(i, k, v)
+                for i, (k, v) in enumerate(zip(keys_values[::2], keys_values[1::2]), start=first):
+                    cache.append(i, k, v)
         return self.norm(x)
 
     def forward(self, tokens: Tensor | None = None, *, embeds: Tensor | None = None,

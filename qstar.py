@@ -54,7 +54,7 @@ class QuietStarConfig:
     mixing_hidden: int | None = None   # hidden width of the mixing MLP; None = model dim (talk head: d)
     # speed and memory (results are the same either way; tests prove it)
     fast_attention: bool = True        # thought_cache.ThoughtCache; False = dense masks (the official way)
-    activation_checkpointing: bool = False  # recompute each layer's forward in backward: slower, far less memory
+    activation_checkpointing: bool = False  # keep every 2nd layer's input, recompute the rest in backward: slower, far less memory
 
     def __post_init__(self):
         for name in ("thought_len", "n_true", "n_thoughts"):

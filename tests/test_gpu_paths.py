@@ -76,3 +76,33 @@ def test_fast_thought_attention_in_bf16_matches_the_dense_reference_in_bf16():
     scale = logits["ref"].abs().max().item()
     assert 0 < dense_error < 0.05 * scale
     assert fast_error <= 2 * dense_error + 0.01 * scale, (fast_error, dense_error, scale)
+
+
+def test_the_gpu_layout_of_the_summary_channel_gives_the_same_attention_on_the_cpu():
+    """The summary channel pads the head dim to a multiple of 8 on a GPU (72 for E = 64) and of 2 on the CPU (66).
+    The extra channels are zeros, so the GPU layout, run here, must give the CPU layout's values and gradients, and
+    both the dense-mask reference's."""
+    import torch.nn.functional as F
+
+    from attention_mask import thought_mask
+    from model import attend
+    from thought_cache import padded_dim, thought_attention, with_summary_slot
+    assert padded_dim(64, torch.device("cpu")) == 66 and padded_dim(64, torch.device("cuda")) == 72
+    M, H, K, T, E, step = 2, 6, 2, 7, 64, 3
+    q = torch.randn(M, H, T, E, dtype=torch.float64, requires_grad=True)
+    own_k = [torch.randn(M, K, T, E, dtype=torch.float64, requires_grad=True) for _ in range(step)]
+    own_v = [torch.randn(M, K, T, E, dtype=torch.float64, requires_grad=True) for _ in range(step)]
+    real_k, real_v = torch.randn(1, K, T, E, dtype=torch.float64), torch.randn(1, K, T, E, dtype=torch.float64)
+    cpu_k, cpu_v = (with_summary_slot(x).repeat_interleave(M, dim=0) for x in (real_k, real_v))
+    assert cpu_k.shape[-1] == 66
+    results = []
+    for width in (66, 72):
+        k, v = (F.pad(x, (0, width - 66)) for x in (cpu_k, cpu_v))
+        out = thought_attention(q, own_k, own_v, k, v, M, None)
+        results.append((out, *torch.autograd.grad(out.square().sum(), [q, *own_k, *own_v])))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    keys = torch.cat([real_k.expand(M, -1, -1, -1), *own_k], dim=2)
+    values = torch.cat([real_v.expand(M, -1, -1, -1), *own_v], dim=2)
+    dense = attend(q, keys, values, thought_mask(T, step))
+    assert torch.allclose(results[0][0], dense, atol=1e-12, rtol=0)

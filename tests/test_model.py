@@ -87,18 +87,27 @@ def test_embeds_and_positions_equal_tokens():
     assert not torch.allclose(by_tokens, spread, atol=1e-3)
 
 
-def test_activation_checkpointing_gives_same_gradients():
-    model = random_model().train()
+@pytest.mark.parametrize("layers_per_checkpoint", [1, 2, 3])
+def test_activation_checkpointing_gives_same_gradients(layers_per_checkpoint):
+    """5 layers in groups of 1, 2 (the default; the last group has one layer) or 3, with a KV cache filled by an
+    earlier call, as the thought passes use it: every group's keys reach the cache, every gradient is the same."""
+    model = tiny_model(37, window=4, n_layers=5).train()
     tokens = torch.randint(0, 37, (2, 8))
 
-    def grads():
+    def loss_grads_and_cache():
         model.zero_grad()
-        torch.nn.functional.cross_entropy(model(tokens)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        return [p.grad.clone() for p in model.parameters()]
-    plain = grads()
-    model.activation_checkpointing = True
-    for a, b in zip(plain, grads()):
+        cache = model.new_cache()
+        model(tokens[:, :3], cache=cache)
+        logits = model(tokens[:, 3:], cache=cache)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 4:].flatten()).backward()
+        return [p.grad.clone() for p in model.parameters()], cache
+    plain, plain_cache = loss_grads_and_cache()
+    model.activation_checkpointing, model.layers_per_checkpoint = True, layers_per_checkpoint
+    grads, cache = loss_grads_and_cache()
+    for a, b in zip(plain, grads):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_cache.keys + plain_cache.values,
+                                                                cache.keys + cache.values))
 
 
 def test_save_pretrained_round_trip_and_transformers_reads_it(tmp_path):
