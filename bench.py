@@ -1,6 +1,6 @@
 """Benchmark: what thinking costs, in time and memory, against a plain language-model step.
 
-    python bench.py            # the full grid (tiny and SmolLM2-135M dimensions, n up to 1024): ~20 min on 2 cores
+    python bench.py            # the full grid (tiny and SmolLM2-135M dimensions, n up to 1024): ~50 min on 2 cores
     python bench.py --quick    # a small grid, under 2 minutes on 2 CPU cores
 
 A Quiet-STaR step with n_ahead k (k - 3 thought tokens between the markers), n_ahead_talk t and P thoughts per
@@ -62,10 +62,11 @@ def peak_memory(device) -> float:
     return gpu.peak_gib(device)
 
 
-def timed(fn, device, repeats: int, warmup: bool = True) -> float:
-    """Median wall time of `repeats` calls, after one warm-up call unless that would take minutes."""
-    if warmup:
-        fn()
+def timed(fn, device, repeats: int) -> float:
+    """Median wall time of `repeats` calls after one warm-up call. The first Quiet-STaR step of a process is
+    slower by the page faults of memory it is the first to touch (at n = 256, k = 12: 69 s, then 59 and 55 s), a
+    cost a training run pays once; so it is never the one timed."""
+    fn()
     times = []
     for _ in range(repeats):
         gpu.synchronize(device)
@@ -108,7 +109,7 @@ def measure_step(size: str, n: int, k: int, t: int, P: int, checkpointing: bool,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     cheap = plain_times[0] * (k + t) * P < 40                                   # seconds, roughly
-    qstar = timed(qstar_step, device, max(1, repeats // 2) if cheap else 1, warmup=cheap)
+    qstar = timed(qstar_step, device, max(1, repeats // 2) if cheap else 1)
     qstar_memory = peak_memory(device)
     model.activation_checkpointing = False
     plain_times.append(timed(lambda: plain_step(optimizer), device, repeats))
