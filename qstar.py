@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from attention_mask import thought_positions
 from model import Mistral, load_pretrained, save_pretrained
 from thought_cache import DenseThoughtCache, ThoughtCache
-from token_logprob import token_logprob
+from token_logprob import lm_head_logits, token_logprob
 
 QUIETSTAR_WEIGHTS, QUIETSTAR_CONFIG = "quietstar.safetensors", "quietstar.json"
 
@@ -263,7 +263,8 @@ class QuietStar(nn.Module):
 
     def thought_token_logits(self, h: Tensor) -> Tensor:
         """The LM head's logits for a thought token (at least fp32): never EOS or a special token."""
-        return promoted(self.model.lm_head(h)).index_fill(-1, self.banned_thought_ids, float("-inf"))
+        head = self.model.lm_head
+        return lm_head_logits(h, head.weight, head.bias, self.banned_thought_ids)
 
     def _thought_token(self, h: Tensor, given: Tensor | None) -> tuple[Tensor, Tensor]:
         """Step 2's choice of the next thought token: h (B*M, T, D) -> (log-prob at the REINFORCE temperature,
