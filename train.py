@@ -315,22 +315,36 @@ class Run:
 
 
 class StopRequest:
-    """Ctrl-C or SIGTERM (what schedulers and `docker stop` send): finish the step, save, exit. A second Ctrl-C
-    quits at once, without saving."""
+    """Ctrl-C or SIGTERM (what schedulers and `docker stop` send). Before training starts there is nothing to save:
+    the run stops at once. Once it trains: finish the step, save, exit; a second Ctrl-C quits at once, unsaved.
+
+    Installed before the model loads: under Python's default handler a Ctrl-C that came while torch made its lazy
+    imports was lost in 6 runs of 10 (the run trained on). This handler records the signal before it raises, and
+    `check()` stops a run whose KeyboardInterrupt went missing before its first step."""
 
     def __init__(self):
-        self.signal = None
+        self.signal, self.training = None, False
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
+        again = self.signal is not None
+        self.signal = self.signal or signum
+        if not self.training or (again and signum == signal.SIGINT):
             raise KeyboardInterrupt
-        self.signal = signum
-        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        print(f"\n{name}: saving a checkpoint after this step (Ctrl-C again to quit without saving)", flush=True)
+        if not again:
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            print(f"\n{name}: saving a checkpoint after this step (Ctrl-C again to quit without saving)", flush=True)
+
+    def check(self):
+        if self.signal is not None and not self.training:
+            raise KeyboardInterrupt
+
+    def start_training(self):
+        self.check()
+        self.training = True
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -377,7 +391,7 @@ def train_step(run: Run, step: int) -> dict:
             "tokens_per_s": round(batch_size * ranks.world * cfg.grad_accum * cfg.seq_len / (time.time() - t0), 1)}
 
 
-def run_loop(run: Run, start_step: int) -> int:
+def run_loop(run: Run, start_step: int, stop: StopRequest) -> int:
     from tqdm import tqdm
     cfg, main = run.cfg, run.ranks.main
     if start_step == 0:
@@ -385,26 +399,26 @@ def run_loop(run: Run, start_step: int) -> int:
         say(run, "before training:\n    " + format_eval(run.log.rows[-1]))
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, unit="step",
                dynamic_ncols=True, disable=not main)
-    with StopRequest() as stop:
-        for step in bar:
-            row = train_step(run, step)
-            if "nonfinite" in row:
-                bar.close()
-                return stop_on_nan(row, run)
-            done = row["step"]
-            if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-                row |= evaluate(run)
-            run.log(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row.get('reward_mean', 0):+.3f}",
-                            mix=f"{row.get('mix_weight_mean', 0):+.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            stopping = parallel.any_rank(stop.signal is not None, run.ranks)
-            if done % cfg.save_interval == 0 or done == cfg.max_steps or stopping:
-                save_checkpoint(run, done)
-            if stopping:
-                bar.close()
-                say(run, f"stopped at step {done}; checkpoint saved in {run.out_dir}. Continue with: "
-                         f"python train.py --out_dir {run.out_dir} --resume")
-                return 0 if stop.signal in (None, signal.SIGTERM) else 130
+    stop.start_training()
+    for step in bar:
+        row = train_step(run, step)
+        if "nonfinite" in row:
+            bar.close()
+            return stop_on_nan(row, run)
+        done = row["step"]
+        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            row |= evaluate(run)
+        run.log(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row.get('reward_mean', 0):+.3f}",
+                        mix=f"{row.get('mix_weight_mean', 0):+.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        stopping = parallel.any_rank(stop.signal is not None, run.ranks)
+        if done % cfg.save_interval == 0 or done == cfg.max_steps or stopping:
+            save_checkpoint(run, done)
+        if stopping:
+            bar.close()
+            say(run, f"stopped at step {done}; checkpoint saved in {run.out_dir}. Continue with: "
+                     f"python train.py --out_dir {run.out_dir} --resume")
+            return 0 if stop.signal in (None, signal.SIGTERM) else 130
     bar.close()
     return 0
 
@@ -504,7 +518,7 @@ def train(cfg: TrainConfig, qcfg: QuietStarConfig, changed: list[str], ranks: pa
     run = Run(cfg, qcfg, ranks, device, autocast_for(device, use_bf16), Path(cfg.out_dir))
     prepare_out_dir(run.out_dir, cfg.model, cfg.resume)
     documents = read_documents(cfg)
-    with RunLock(run.out_dir) if ranks.main else contextlib.nullcontext():
+    with RunLock(run.out_dir) if ranks.main else contextlib.nullcontext(), StopRequest() as stop:
         parallel.barrier(ranks)                                  # rank 0 holds the lock before anyone writes
         checkpoint = verify_checkpoint(run.out_dir) if cfg.resume else None
         run.qs, run.tokenizer = build_model(cfg, qcfg, device, use_bf16, checkpoint)
@@ -515,13 +529,20 @@ def train(cfg: TrainConfig, qcfg: QuietStarConfig, changed: list[str], ranks: pa
                                           fused=gpu.fused_adamw(device, ranks.mode))
         start_step = resume_optimizer(run.qs, run.optimizer, checkpoint, cfg) if checkpoint else 0
         run.log = MetricsLog(run.out_dir / "metrics.jsonl", start_step, write=ranks.main)
+        stop.check()                                      # a Ctrl-C while loading whose exception was lost
         say(run, f"model {cfg.model}: {run.qs.model.n_params / 1e6:.1f}M parameters on {device}"
                  f"{' (bf16 autocast)' if use_bf16 else ''}{f', {ranks.world} ranks ({cfg.parallel})' if ranks.world > 1 else ''}; "
                  f"data {cfg.data}: {len(run.train_data.tokens):,} tokens; thoughts: {qcfg.n_thoughts} x "
                  f"{qcfg.thought_len} tokens, scored on {qcfg.n_true} true tokens"
                  + (f"\nresuming at step {start_step} with changed settings: {', '.join(changed)}" if changed else ""))
         started = time.time()
-        code = run_loop(run, start_step)
+        try:
+            code = run_loop(run, start_step, stop)
+        except KeyboardInterrupt:                         # before the first step, or a second Ctrl-C
+            last = checkpoint_step(run.out_dir)
+            say(run, "\ninterrupted without saving" + (f"; the last checkpoint is step {last} in {run.out_dir}"
+                                                       if last is not None else "; no checkpoint was written"))
+            return 130
         if code == 0 and run.log.rows[-1]["step"] == cfg.max_steps:
             finish(run, time.time() - started, cfg.max_steps - start_step)
         return code
