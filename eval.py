@@ -349,15 +349,13 @@ def heldout_nll(qs: QuietStar, tokenizer, texts: list[str], seq_len: int, batch_
 # ---- thoughts for display -------------------------------------------------------------------------------
 
 @torch.no_grad()
-def thought_records(qs: QuietStar, tokenizer, tokens: torch.Tensor, filler_id: int | None = None) -> list[dict]:
+def thought_records(qs: QuietStar, tokenizer, tokens: torch.Tensor, filler_id: int) -> list[dict]:
     """One text (T,) -> a record per token for thoughts_page: its text, the thought sampled before it (at the
     previous position), the mixing weight, how much the thought changed its NLL (negative = helped), and how
     much a filler thought of the same length changed it: where the two differ, the content mattered."""
     scores = qs.token_scores(tokens[None])
-    filler = None
-    if filler_id is not None:
-        ids = torch.full_like(scores["thought_ids"], filler_id)
-        filler = qs.token_scores(tokens[None], ids)["nll_thought"][0]
+    filler_ids = torch.full_like(scores["thought_ids"], filler_id)
+    filler = qs.token_scores(tokens[None], filler_ids)["nll_thought"][0]
     records = [{"text": tokenizer.decode([tokens[0].item()]), "thought": "", "mix_weight": None,
                 "delta_nll": None, "delta_nll_filler": None, "nll_base": None}]
     for i in range(1, len(tokens)):
@@ -365,8 +363,7 @@ def thought_records(qs: QuietStar, tokenizer, tokens: torch.Tensor, filler_id: i
         records.append({"text": tokenizer.decode([tokens[i].item()]),
                         "thought": tokenizer.decode(scores["thought_ids"][0, i - 1].tolist()),
                         "mix_weight": scores["mix_weight"][0, i - 1].item(), "delta_nll": after - base,
-                        "delta_nll_filler": filler[i - 1].item() - base if filler is not None else None,
-                        "nll_base": base})
+                        "delta_nll_filler": filler[i - 1].item() - base, "nll_base": base})
     return records
 
 
