@@ -132,13 +132,17 @@ class RunLock:
             handle.close()
             raise UsageError(f"--out_dir {self.path.parent} is in use by another run (pid {owner}); wait for it "
                              "to finish or choose another --out_dir") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
         self.handle = handle
-        for stale in self.path.parent.glob(".tmp-checkpoint-*"):   # left by a run that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            for stale in self.path.parent.glob(".tmp-checkpoint-*"):   # left by a run that was killed
+                shutil.rmtree(stale, ignore_errors=True)
+        except BaseException:                   # a Ctrl-C right here: let go of the lock as __exit__ would
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc):

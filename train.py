@@ -314,36 +314,48 @@ class Run:
     log: "MetricsLog" = None
 
 
-class StopRequest:
-    """Ctrl-C or SIGTERM (what schedulers and `docker stop` send). Before training starts there is nothing to save:
-    the run stops at once. Once it trains: finish the step, save, exit; a second Ctrl-C quits at once, unsaved.
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM that stops the run at once; the exit code is 128 + its number (130, 143)."""
 
-    Installed before the model loads: under Python's default handler a Ctrl-C that came while torch made its lazy
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM (what schedulers and `docker stop` send). While nothing is left to save (loading, the
+    first evaluation, the end) the run stops at once. While it trains: finish the step, save, exit; a second
+    Ctrl-C quits at once, unsaved.
+
+    Installed before anything loads: under Python's default handler a Ctrl-C that came while torch made its lazy
     imports was lost in 6 runs of 10 (the run trained on). This handler records the signal before it raises, and
-    `check()` stops a run whose KeyboardInterrupt went missing before its first step."""
+    `check()` stops a run whose exception went missing before its first step."""
 
     def __init__(self):
         self.signal, self.training = None, False
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self.previous:
+            signal.signal(s, self.handle)
         return self
 
     def handle(self, signum, frame):
         again = self.signal is not None
-        self.signal = self.signal or signum
+        self.signal = self.signal or signum                     # the first one decides the exit code
         if not self.training or (again and signum == signal.SIGINT):
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         if not again:
             name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
             print(f"\n{name}: saving a checkpoint after this step (Ctrl-C again to quit without saving)", flush=True)
 
-    def check(self):
-        if self.signal is not None and not self.training:
-            raise KeyboardInterrupt
+    def check(self, ranks: parallel.Ranks | None = None):
+        stop = self.signal is not None
+        if not self.training and (parallel.any_rank(stop, ranks) if ranks else stop):
+            raise Interrupted(self.signal or signal.SIGINT)
 
-    def start_training(self):
-        self.check()
+    def start_training(self, ranks: parallel.Ranks):
+        self.check(ranks)                                        # every rank stops, or none
         self.training = True
 
     def __exit__(self, *exc):
@@ -399,7 +411,7 @@ def run_loop(run: Run, start_step: int, stop: StopRequest) -> int:
         say(run, "before training:\n    " + format_eval(run.log.rows[-1]))
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, unit="step",
                dynamic_ncols=True, disable=not main)
-    stop.start_training()
+    stop.start_training(run.ranks)
     for step in bar:
         row = train_step(run, step)
         if "nonfinite" in row:
@@ -498,17 +510,19 @@ def main(argv: list[str]) -> int:
         cfg, qcfg, changed = parse_args(argv)
         ranks, device = parallel.setup(cfg.parallel, cfg.device, cfg.dist_timeout)
         try:
-            return train(cfg, qcfg, changed, ranks, device)
+            with StopRequest() as stop:
+                return train(cfg, qcfg, changed, ranks, device, stop)
         finally:
             parallel.teardown()
     except (UsageError, ValueError, OSError) as e:
         return fail(e)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("\ninterrupted; no checkpoint was written by this run", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
 
 
-def train(cfg: TrainConfig, qcfg: QuietStarConfig, changed: list[str], ranks: parallel.Ranks, device) -> int:
+def train(cfg: TrainConfig, qcfg: QuietStarConfig, changed: list[str], ranks: parallel.Ranks, device,
+          stop: StopRequest) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     gpu.matmul_tf32(device)
@@ -518,7 +532,7 @@ def train(cfg: TrainConfig, qcfg: QuietStarConfig, changed: list[str], ranks: pa
     run = Run(cfg, qcfg, ranks, device, autocast_for(device, use_bf16), Path(cfg.out_dir))
     prepare_out_dir(run.out_dir, cfg.model, cfg.resume)
     documents = read_documents(cfg)
-    with RunLock(run.out_dir) if ranks.main else contextlib.nullcontext(), StopRequest() as stop:
+    with RunLock(run.out_dir) if ranks.main else contextlib.nullcontext():
         parallel.barrier(ranks)                                  # rank 0 holds the lock before anyone writes
         checkpoint = verify_checkpoint(run.out_dir) if cfg.resume else None
         run.qs, run.tokenizer = build_model(cfg, qcfg, device, use_bf16, checkpoint)
@@ -538,14 +552,15 @@ def train(cfg: TrainConfig, qcfg: QuietStarConfig, changed: list[str], ranks: pa
         started = time.time()
         try:
             code = run_loop(run, start_step, stop)
-        except KeyboardInterrupt:                         # before the first step, or a second Ctrl-C
+            stop.training = False                         # saved: a Ctrl-C in the summary below just stops
+            if code == 0 and run.log.rows[-1]["step"] == cfg.max_steps:
+                finish(run, time.time() - started, cfg.max_steps - start_step)
+            return code
+        except KeyboardInterrupt as e:                    # before the first step, a second Ctrl-C, or the end
             last = checkpoint_step(run.out_dir)
             say(run, "\ninterrupted without saving" + (f"; the last checkpoint is step {last} in {run.out_dir}"
                                                        if last is not None else "; no checkpoint was written"))
-            return 130
-        if code == 0 and run.log.rows[-1]["step"] == cfg.max_steps:
-            finish(run, time.time() - started, cfg.max_steps - start_step)
-        return code
+            return 128 + getattr(e, "signum", signal.SIGINT)
 
 
 def fix_glibc_mmap_threshold():

@@ -5,6 +5,7 @@ cases: a second run on a live run's folder, SIGTERM, and Ctrl-C before training 
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import time
 
 import pytest
 
+import checkpoint
 import eval as qeval
 import generate
 import gguf_import
@@ -250,34 +252,46 @@ def test_a_killed_run_leaves_no_stale_lock(world, tmp_path):
     assert train.main([f"--out_dir={out_dir}", "--resume", f"--max_steps={train.checkpoint_step(out_dir) + 1}"]) == 0
 
 
-def test_ctrl_c_before_training_starts(world, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_before_training_starts(world, tmp_path, sig, code):
     out_dir = tmp_path / "early"
     proc = start_run(world, out_dir)
     wait_for(lambda: (out_dir / ".lock").exists(), seconds=60)            # the model is being loaded
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, output
+    assert proc.returncode == code, output                                # 128 + the signal's number
     assert "Traceback" not in output
     assert not (out_dir / "latest").exists()
 
 
 def test_a_stop_request_outlives_a_lost_keyboard_interrupt(capsys):
-    """Before training a Ctrl-C stops the run at once; if its KeyboardInterrupt is lost inside library code (it
-    was, in lazy imports while the model loaded), the recorded signal still stops the run before the first step.
-    While training: the first Ctrl-C or SIGTERM only asks to stop after the step; a second Ctrl-C quits at once,
-    a second SIGTERM does not."""
+    """Before training a Ctrl-C or SIGTERM stops the run at once; if its KeyboardInterrupt is lost inside library
+    code (it was, in lazy imports while the model loaded), the recorded signal still stops the run before the first
+    step. While training: the first Ctrl-C or SIGTERM only asks to stop after the step, and decides the exit code;
+    a second Ctrl-C quits at once, a second SIGTERM does not."""
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    single = train.parallel.Ranks()
     with train.StopRequest() as stop:
+        assert signal.getsignal(signal.SIGINT) == stop.handle
+        with pytest.raises(KeyboardInterrupt):
+            stop.handle(signal.SIGTERM, None)
+        # ...and suppose a library swallowed that exception: loading goes on
+        with pytest.raises(KeyboardInterrupt) as raised:
+            stop.check()
+        assert raised.value.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            stop.start_training(single)
+    with train.StopRequest() as stop:                   # Ctrl-C, then SIGTERM, while training
+        stop.check()
+        stop.start_training(single)
+        stop.handle(signal.SIGINT, None)
+        stop.handle(signal.SIGTERM, None)
+        assert stop.signal == signal.SIGINT
+        assert capsys.readouterr().out.count("Ctrl-C: saving a checkpoint after this step") == 1
         with pytest.raises(KeyboardInterrupt):
             stop.handle(signal.SIGINT, None)
-        # ...and suppose a library swallowed that exception: loading goes on
-        with pytest.raises(KeyboardInterrupt):
-            stop.check()
-        with pytest.raises(KeyboardInterrupt):
-            stop.start_training()
-    with train.StopRequest() as stop:
-        stop.check()
-        stop.start_training()
+    with train.StopRequest() as stop:                   # SIGTERM twice while training
+        stop.start_training(single)
         stop.handle(signal.SIGTERM, None)
         stop.handle(signal.SIGTERM, None)
         assert stop.signal == signal.SIGTERM
@@ -285,3 +299,19 @@ def test_a_stop_request_outlives_a_lost_keyboard_interrupt(capsys):
         with pytest.raises(KeyboardInterrupt):
             stop.handle(signal.SIGINT, None)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_ctrl_c_while_taking_the_run_lock_leaves_no_lock(tmp_path, monkeypatch):
+    out_dir = tmp_path / "new"
+
+    class OsWithACtrlC:                                                    # lands after the lock is taken
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def getpid(self):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint, "os", OsWithACtrlC())
+    with pytest.raises(KeyboardInterrupt):
+        with checkpoint.RunLock(out_dir):
+            pass
+    assert not out_dir.exists()                                           # the folder it made, and the lock, gone
