@@ -1,6 +1,6 @@
 """Benchmark: what thinking costs, in time and memory, against a plain language-model step.
 
-    python bench.py            # the full grid (tiny and SmolLM2-135M dimensions, n up to 1024): ~50 min on 2 cores
+    python bench.py            # the full grid (tiny and SmolLM2-135M dimensions, n up to 1024): ~40 min on 2 cores
     python bench.py --quick    # a small grid, under 2 minutes on 2 CPU cores
 
 A Quiet-STaR step with n_ahead k (k - 3 thought tokens between the markers), n_ahead_talk t and P thoughts per
