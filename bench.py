@@ -10,6 +10,9 @@ AdamW once per pass, a Quiet-STaR step once for all its passes, so the honest ra
     fwd+bwd  = (Quiet-STaR step - optimizer) / (passes x (plain step - optimizer))    (1.0 = exactly its passes)
 and, beside it, the flattering one with the optimizer in both:
     overhead = Quiet-STaR step / (passes x plain step).
+With activation checkpointing every layer's forward runs again in backward, whatever the model computes; the
+`floor` column is that price on a plain step, (plain step with checkpointing - optimizer) / (plain step - optimizer),
+so a checkpointed Quiet-STaR step is best read against it (1 where nothing is recomputed).
 A step is forward, backward and AdamW on one document of n tokens. Both steps run in the same process (the
 plain one before and after the Quiet-STaR one; the faster is kept), so the ratio is taken under one load.
 Each configuration runs in its own process so that its peak memory (RSS on CPU, allocator peak on GPU) is
@@ -287,7 +290,7 @@ def main():
         profiles = [("tiny", 128, 12, False)]
         repeats = 3
     else:
-        # SmolLM2 without checkpointing where it fits in 24 GiB (n=256, k=12 peaks near 20 GiB); with it beyond
+        # SmolLM2 without checkpointing where it fits in 24 GiB (n=256, k=12: 14.2 GiB); with it beyond
         steps = [("tiny", n, k, False) for n in (128, 256, 512, 1024) for k in (4, 8, 12)]
         steps += [("smollm2-135m", n, k, False) for n in (128, 256) for k in (4, 12)]
         steps += [("smollm2-135m", n, 12, True) for n in (256, 512, 1024)]
@@ -302,7 +305,7 @@ def main():
                "overhead_fwd_bwd": {}}
     print(f"Quiet-STaR training step vs plain step ({device}, {torch.get_num_threads()} threads, allocator "
           f"{figures['allocator']}; t=4, P=2, 1 document)")
-    print("floor: a plain step's fwd+bwd with checkpointing over without it, the least a checkpointed step can cost")
+    print("floor: a plain step's fwd+bwd with checkpointing over without it: what recomputation costs before thinking")
     print(f"{'size':13} {'n':>5} {'k':>3} {'ckpt':>4} {'passes':>6} {'fwd+bwd':>8} {'floor':>6} {'overhead':>8} "
           f"{'plain s':>8} {'qstar s':>8} {'tok/s':>7} {'plain GiB':>9} {'qstar GiB':>9}")
     for size, n, k, checkpointing in steps:
