@@ -32,7 +32,7 @@ class TokenLogProb(torch.autograd.Function):
     def forward(ctx, h, weight, bias, targets, temperature, banned):
         device = h.device.type     # under autocast the matmul runs in bf16; backward repeats that by hand
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        logits = lm_head_logits(h, weight, bias, banned)                               # (.., V), fp32 or fp64
+        logits = lm_head_logits(h, weight, bias, banned)                        # (.., V), fp32 or fp64
         if callable(targets):
             targets = targets(logits)                                           # sampled from these logits
         scaled = logits if temperature == 1 else logits.div_(temperature)
@@ -48,7 +48,7 @@ class TokenLogProb(torch.autograd.Function):
         h, weight, bias, targets, lse, banned = ctx.saved_tensors
         dtype = ctx.dtype
         h_, weight_, bias_ = (None if t is None else t.to(dtype) for t in (h, weight, bias))
-        grad = lm_head_logits(h_, weight_, bias_, banned)                              # recomputed: (.., V)
+        grad = lm_head_logits(h_, weight_, bias_, banned)                       # recomputed: (.., V)
         if ctx.temperature != 1:
             grad.div_(ctx.temperature)
         grad.sub_(lse[..., None]).exp_()                                        # softmax (0 at banned ids)

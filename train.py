@@ -317,7 +317,7 @@ class Run:
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM that stops the run at once; the exit code is 128 + its number (130, 143)."""
 
-    def __init__(self, signum: int = signal.SIGINT):
+    def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
 

@@ -281,23 +281,16 @@ def test_a_stop_request_outlives_a_lost_keyboard_interrupt(capsys):
         assert raised.value.signum == signal.SIGTERM
         with pytest.raises(KeyboardInterrupt):
             stop.start_training(single)
-    with train.StopRequest() as stop:                   # Ctrl-C, then SIGTERM, while training
-        stop.check()
-        stop.start_training(single)
-        stop.handle(signal.SIGINT, None)
-        stop.handle(signal.SIGTERM, None)
-        assert stop.signal == signal.SIGINT
-        assert capsys.readouterr().out.count("Ctrl-C: saving a checkpoint after this step") == 1
-        with pytest.raises(KeyboardInterrupt):
-            stop.handle(signal.SIGINT, None)
-    with train.StopRequest() as stop:                   # SIGTERM twice while training
-        stop.start_training(single)
-        stop.handle(signal.SIGTERM, None)
-        stop.handle(signal.SIGTERM, None)
-        assert stop.signal == signal.SIGTERM
-        assert capsys.readouterr().out.count("SIGTERM: saving a checkpoint after this step") == 1
-        with pytest.raises(KeyboardInterrupt):
-            stop.handle(signal.SIGINT, None)
+    for first, second, name in ((signal.SIGINT, signal.SIGTERM, "Ctrl-C"), (signal.SIGTERM, signal.SIGTERM, "SIGTERM")):
+        with train.StopRequest() as stop:               # while training: the first signal, then another
+            stop.check()
+            stop.start_training(single)
+            stop.handle(first, None)
+            stop.handle(second, None)
+            assert stop.signal == first
+            assert capsys.readouterr().out.count(f"{name}: saving a checkpoint after this step") == 1
+            with pytest.raises(KeyboardInterrupt):
+                stop.handle(signal.SIGINT, None)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
