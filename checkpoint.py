@@ -4,25 +4,56 @@
       latest                  "checkpoint-000040": the one complete checkpoint, switched by an atomic rename
       checkpoint-000040/      config.json, model.safetensors, tokenizer.json (Hugging Face layout),
                               quietstar.safetensors + quietstar.json, train_config.json, train_state.pt,
-                              manifest.json (step and the size of every file, written last)
+                              manifest.json (step, and the size and SHA-256 of every file; written last)
       metrics.jsonl           one line per step
       thoughts.html           the thoughts page
       .lock                   held (fcntl) by the live run, with its pid
 
 A checkpoint is written complete into a temporary folder, then renamed to checkpoint-NNNNNN, then `latest` is
 replaced (os.replace: atomic), then older checkpoints go. A crash at any point leaves `latest` naming a complete
-checkpoint. load_pretrained("out_dir") and QuietStar.from_pretrained("out_dir") follow `latest`.
+checkpoint (tests/test_crash.py kills runs with SIGKILL in each of these phases). A write that fails (disk full,
+read-only folder) raises CheckpointWriteError and leaves `latest` where it was. Loading or resuming a checkpoint
+checks every file against the manifest's size and SHA-256, so a file altered after it was written is refused by
+name. load_pretrained("out_dir") and QuietStar.from_pretrained("out_dir") follow `latest`.
 """
 
+import hashlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from cli import UsageError
 
 LATEST, MANIFEST, LOCK = "latest", "manifest.json", ".lock"
+FULL_DISK = 1 << 20        # bytes free under which a failed write is put down to a full disk
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (no space, no permission...): nothing was saved, `latest` is unchanged."""
+
+
+CRASH_COUNTS: dict[str, int] = {}
+
+
+def crash_point(phase: str):
+    """Fault injection for tests/test_crash.py: QUIETSTAR_CRASH_AT=phase (or phase:n, the n-th time here) kills
+    this process with SIGKILL, as a power cut or the OOM killer would. Unset (always, outside that test): nothing."""
+    wanted = os.environ.get("QUIETSTAR_CRASH_AT")
+    if wanted and wanted.split(":")[0] == phase:
+        CRASH_COUNTS[phase] = CRASH_COUNTS.get(phase, 0) + 1
+        if CRASH_COUNTS[phase] == int(wanted.split(":")[1] if ":" in wanted else 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -44,28 +75,49 @@ def _fsync(path: Path):
 
 
 def write_checkpoint(out_dir: Path, step: int, write_files) -> Path:
-    """write_files(folder) writes a checkpoint's files into a fresh folder; this makes it the latest, atomically."""
+    """write_files(folder) writes a checkpoint's files into a fresh folder; this makes it the latest, atomically.
+    Any OSError on the way (ENOSPC, EROFS, EACCES, a failed rename) removes what this call wrote, leaves `latest`
+    as it was and raises CheckpointWriteError."""
     out_dir = Path(out_dir)
     tmp = out_dir / f".tmp-checkpoint-{step:06d}-{os.getpid()}"
     final = out_dir / f"checkpoint-{step:06d}"
+    pointer = out_dir / f".{LATEST}.tmp"
+    switched = False
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         write_files(tmp)
-        sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": sizes}, indent=2))
+        crash_point("files")
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_of(f)} for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
         for f in tmp.iterdir():
             _fsync(f)
+        crash_point("manifest")
         if final.exists():                          # left by a run that died before switching `latest`
             shutil.rmtree(final)
         os.rename(tmp, final)
-        pointer = out_dir / f".{LATEST}.tmp"
+        crash_point("renamed")
         pointer.write_text(final.name + "\n")
         _fsync(pointer)
+        crash_point("pointer")
         os.replace(pointer, out_dir / LATEST)       # the switch: one atomic rename
+        switched = True
         _fsync(out_dir)
+        crash_point("switched")
+    except Exception as e:
+        free = shutil.disk_usage(out_dir).free
+        if isinstance(e, OSError):
+            reason = f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+        elif free < FULL_DISK:      # torch.save and safetensors report a full disk as RuntimeError / their own
+            reason = f"No space left on device: {free:,} bytes free ({type(e).__name__}: {str(e).splitlines()[0]})"
+        else:
+            raise                   # not a storage failure: a bug, with its traceback
+        if not switched and final.exists() and latest_checkpoint(out_dir) != final:
+            shutil.rmtree(final, ignore_errors=True)
+        raise CheckpointWriteError(f"could not write the checkpoint of step {step} in {out_dir} ({reason})") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        pointer.unlink(missing_ok=True)
     for old in out_dir.glob("checkpoint-*"):
         if old != final and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
@@ -73,20 +125,30 @@ def write_checkpoint(out_dir: Path, step: int, write_files) -> Path:
 
 
 def verify_checkpoint(out_dir: Path) -> Path:
-    """The latest checkpoint's folder, after checking that every file the manifest lists is there, whole."""
+    """The latest checkpoint's folder, after checking it against its manifest (verify_manifest)."""
     folder = latest_checkpoint(out_dir)
     if folder is None:
         raise UsageError(f"--resume but {out_dir} holds no checkpoint (no {LATEST} file)")
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
+    if not (folder / MANIFEST).is_file():
         raise UsageError(f"{folder} has no {MANIFEST}: the checkpoint is incomplete; start a new --out_dir")
-    expected = json.loads(manifest.read_text())
-    for name, size in expected["files"].items():
+    return verify_manifest(folder)
+
+
+def verify_manifest(folder: Path) -> Path:
+    """Check that every file the manifest lists is there with its size and SHA-256 (a manifest written before
+    checksums existed holds sizes only). A damaged checkpoint is an error that names the file."""
+    expected = json.loads((folder / MANIFEST).read_text())
+    for name, want in expected["files"].items():
+        want = want if isinstance(want, dict) else {"bytes": want}
         f = folder / name
-        if not f.is_file() or f.stat().st_size != size:
+        size = f.stat().st_size if f.is_file() else None
+        if size != want["bytes"]:
             raise UsageError(f"checkpoint {folder}: {name} is missing or has the wrong size "
-                             f"({f.stat().st_size if f.is_file() else 'missing'} != {size} bytes): it was "
-                             f"modified after step {expected['step']} was written; start a new --out_dir")
+                             f"({'missing' if size is None else size} != {want['bytes']} bytes): it was "
+                             f"modified after step {expected['step']} was written")
+        if "sha256" in want and sha256_of(f) != want["sha256"]:
+            raise UsageError(f"checkpoint {folder}: {name} does not match its SHA-256 in {MANIFEST}: it was "
+                             f"modified after step {expected['step']} was written")
     return folder
 
 
@@ -140,6 +202,7 @@ class RunLock:
             handle.flush()
             for stale in self.path.parent.glob(".tmp-checkpoint-*"):   # left by a run that was killed
                 shutil.rmtree(stale, ignore_errors=True)
+            (self.path.parent / f".{LATEST}.tmp").unlink(missing_ok=True)
         except BaseException:                   # a Ctrl-C right here: let go of the lock as __exit__ would
             self.__exit__()
             raise

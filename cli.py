@@ -1,7 +1,8 @@
 """What the four scripts share on the command line: one convention, one error format, checks made up front.
 
 Every script uses argparse: `--key value` and `--key=value` both work, `--help` lists every option with its
-default, booleans are `--flag` / `--no-flag`. A mistake the user can make ends in one line on stderr that starts
+default, booleans are `--flag` / `--no-flag`, and `--flag=true|false|1|0|yes|no|on|off` (nanoGPT's configurator
+style) works too. A mistake the user can make ends in one line on stderr that starts
 with "error:" and names the flag or file, and exit code 2; never a traceback, never a file touched.
 """
 
@@ -51,7 +52,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, title: str):
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         help_text = f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%")
         if "bool" in kind:
-            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            group.add_argument(f"--{f.name}", f"--no-{f.name}", action=BoolFlag, default=argparse.SUPPRESS,
                                help=help_text)
             continue
         convert = int if kind.startswith("int") else float if kind.startswith("float") else str
@@ -59,6 +60,24 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, title: str):
             convert = none_or(convert)
         group.add_argument(f"--{f.name}", type=convert, default=argparse.SUPPRESS, help=help_text,
                            metavar=kind.split(" ")[0].upper())
+
+
+class BoolFlag(argparse.Action):
+    """--flag, --no-flag, and --flag=VALUE with VALUE one of TRUE or FALSE below (any case)."""
+    TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", metavar="BOOL", **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        negated = option_string.startswith("--no-")
+        if value is None:
+            setattr(namespace, self.dest, not negated)
+        elif negated or value.lower() not in self.TRUE + self.FALSE:
+            flag = self.option_strings[0]
+            parser.error(f"{option_string}={value}: write {flag}, --no-{flag[2:]}, or {flag}=true / {flag}=false")
+        else:
+            setattr(namespace, self.dest, value.lower() in self.TRUE)
 
 
 def none_or(convert):

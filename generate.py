@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from cli import Parser, UsageError, add_model_options, at_least, fail, load_model
+from cli import BoolFlag, Parser, UsageError, add_model_options, at_least, fail, load_model
 from model import Mistral
 from qstar import QuietStar, mix, sample_from_logits
 
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=at_least(0.0, float), default=0.0,
                         help="0 = greedy, else sampling temperature (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="for sampled tokens and thoughts (default: 0)")
-    parser.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--thinking", "--no-thinking", action=BoolFlag, default=True,
                         help="think before every token (--no-thinking: plain decoding) (default: on)")
     return parser
 

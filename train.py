@@ -26,7 +26,7 @@ import torch
 
 import gpu
 import parallel
-from checkpoint import RunLock, checkpoint_step, prepare_out_dir, verify_checkpoint, write_checkpoint
+from checkpoint import CheckpointWriteError, RunLock, checkpoint_step, crash_point, prepare_out_dir, verify_checkpoint, write_checkpoint
 from cli import Parser, UsageError, add_dataclass_options, check, fail
 from data import TokenWindows, arithmetic_texts, bare_answer_spans, parse_kinds, read_texts
 from eval import PREDICTORS, compare_thoughts, filler_token_id, score_thoughts, thought_records
@@ -248,6 +248,7 @@ def evaluate(run: "Run") -> dict:
     with run.autocast(), parallel.gathered(qs, run.ranks):
         for name, (windows, focus) in run.val.items():
             scores = score_thoughts(qs, torch.from_numpy(windows).to(run.device), run.filler_id, batch_size=4)
+            crash_point("eval")                     # tests/test_crash.py: a SIGKILL during evaluation
             result = compare_thoughts(scores, torch.from_numpy(focus[:, 1:]) if name == "answer" else None)
             for prefix, subset in ({"eval_answer_": "focus"} if name == "answer" else
                                    {"eval_": "all", "eval_hard_": "hard"}).items():
@@ -260,11 +261,13 @@ def evaluate(run: "Run") -> dict:
     return row
 
 
-def save_checkpoint(run: "Run", step: int) -> Path | None:
-    """Gather the full state on every rank, then rank 0 writes the checkpoint (checkpoint.write_checkpoint)."""
+def save_checkpoint(run: "Run", step: int) -> str | None:
+    """Gather the full state on every rank, then rank 0 writes the checkpoint (checkpoint.write_checkpoint).
+    -> None, or on every rank the error if the write failed (disk full, read-only folder): `latest` still names
+    the previous checkpoint, and the run ends with that one line."""
     qs, cfg = run.qs, run.cfg
     state, optimizer_state = parallel.full_states(qs, run.optimizer)
-    folder = None
+    error = None
     if run.ranks.main:
         def write_files(folder: Path):
             model_state = state
@@ -277,9 +280,16 @@ def save_checkpoint(run: "Run", step: int) -> Path | None:
             (folder / "train_config.json").write_text(json.dumps({"train": asdict(cfg), "qstar": asdict(run.qcfg)},
                                                                  indent=2))
             torch.save({"step": step, "optimizer": optimizer_state}, folder / "train_state.pt")
-        folder = write_checkpoint(run.out_dir, step, write_files)
-    parallel.barrier(run.ranks)
-    return folder
+        try:
+            write_checkpoint(run.out_dir, step, write_files)
+        except CheckpointWriteError as e:
+            error = e
+    if parallel.any_rank(error is not None, run.ranks):
+        last = checkpoint_step(run.out_dir)
+        kept = f"the latest checkpoint is still step {last}" if last is not None else "no checkpoint was written"
+        return (f"{error or 'rank 0 could not write the checkpoint'}. Not saved; {kept}. Free space or fix the "
+                f"folder, then continue with: python train.py --out_dir {run.out_dir} --resume")
+    return None
 
 
 def gradient_split(qs: QuietStar, out: dict) -> dict:
@@ -425,7 +435,10 @@ def run_loop(run: Run, start_step: int, stop: StopRequest) -> int:
                         mix=f"{row.get('mix_weight_mean', 0):+.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         stopping = parallel.any_rank(stop.signal is not None, run.ranks)
         if done % cfg.save_interval == 0 or done == cfg.max_steps or stopping:
-            save_checkpoint(run, done)
+            error = save_checkpoint(run, done)
+            if error:
+                bar.close()
+                return fail(error, code=1) if main else 1
         if stopping:
             bar.close()
             say(run, f"stopped at step {done}; checkpoint saved in {run.out_dir}. Continue with: "

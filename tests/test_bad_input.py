@@ -40,7 +40,7 @@ def world(tmp_path_factory):
            "--eval_windows=1", "--thought_len=2", "--n_true=2"]
     assert train.main(run) == 0
     checkpoint = w / "run" / (w / "run" / "latest").read_text().strip()
-    for name, damage in (("run_no_config", "train_config"), ("run_truncated", "truncate")):
+    for name, damage in (("run_no_config", "train_config"), ("run_truncated", "truncate"), ("run_altered", "alter")):
         shutil.copytree(w / "run", w / name)
         folder = w / name / checkpoint.name
         if damage == "train_config":
@@ -48,9 +48,13 @@ def world(tmp_path_factory):
             manifest = json.loads((folder / "manifest.json").read_text())
             del manifest["files"]["train_config.json"]
             (folder / "manifest.json").write_text(json.dumps(manifest))
-        else:
+        elif damage == "truncate":
             data = (folder / "model.safetensors").read_bytes()
             (folder / "model.safetensors").write_bytes(data[:len(data) // 2])
+        else:                                           # one bit of one weight flipped: the same size
+            data = bytearray((folder / "model.safetensors").read_bytes())
+            data[-3] ^= 0x10
+            (folder / "model.safetensors").write_bytes(bytes(data))
     shutil.copytree(w / "model", w / "truncated")
     data = (w / "truncated" / "model.safetensors").read_bytes()
     (w / "truncated" / "model.safetensors").write_bytes(data[:1000])
@@ -116,7 +120,8 @@ CASES = [
     (T("--plain_steps=50"), "--plain_steps must be between 0 and --max_steps (40)"),
     (T("--preset=gpu"), "--preset must be one of ['cpu', 'paper', 'think']"),
     (T("--max_steps=ten"), "argument --max_steps: invalid int value: 'ten'"),
-    (T("--resume=1"), "argument --resume/--no-resume: ignored explicit argument '1'"),
+    (T("--resume=maybe"), "--resume=maybe: write --resume, --no-resume, or --resume=true / --resume=false"),
+    (T("--no-resume=1"), "--no-resume=1: write --resume, --no-resume, or --resume=true / --resume=false"),
     (T("--no_such_key=3"), "unrecognized arguments: --no_such_key=3"),
     # train.py: the run folder
     (T(M, "--out_dir={w}/a_file"), "--out_dir {w}/a_file is a file"),
@@ -128,6 +133,7 @@ CASES = [
     (T("--out_dir={w}/run", "--resume", "--model=other"), "--resume cannot change --model"),
     (T("--out_dir={w}/run_no_config", "--resume"), "train_config.json is missing"),
     (T("--out_dir={w}/run_truncated", "--resume"), "model.safetensors is missing or has the wrong size"),
+    (T("--out_dir={w}/run_altered", "--resume"), "model.safetensors does not match its SHA-256 in manifest.json"),
     # train.py: devices, data and models
     (T(M, "--out_dir={w}/new", "--device=cuda"), "--device cuda but this machine has no CUDA GPU"),
     (T(M, "--out_dir={w}/new", "--device=tpu9"), "--device 'tpu9' is not a device"),
@@ -152,6 +158,8 @@ CASES = [
     (E(M, "--task=gsm8k", "--data={w}/c4.jsonl"), "--data {w}/c4.jsonl does not look like gsm8k data"),
     (E(M, "--task=gsm8k", "--data={w}/bad.jsonl"), "{w}/bad.jsonl:2: not a JSON line"),
     (E(M, "--task=gsm8k", "--data={w}/none.jsonl"), "--data '{w}/none.jsonl' is not a file"),
+    (E("--model={w}/run_altered", "--task=nll", "--data={w}/c4.jsonl"), "model.safetensors does not match its SHA"),
+    (G("--model={w}/run_altered"), "model.safetensors does not match its SHA-256"),
     (E("--model={w}/no_parts", "--task=nll", "--data={w}/c4.jsonl"), "{w}/no_parts/quietstar.safetensors is missing"),
     (E("--model={w}/wrong_parts", "--task=nll", "--data={w}/c4.jsonl"), "has shape"),
     (E(M, "--task=nll", "--data={w}/c4.jsonl", "--device=cuda"), "--device cuda but this machine has no CUDA GPU"),
@@ -163,7 +171,7 @@ CASES = [
     (G(M, "--max_new_tokens=0"), "argument --max_new_tokens: must be at least 1"),
     (G(M, "--thought_len=0"), "argument --thought_len: must be at least 1"),
     (G("--model={w}/nope"), "model folder '{w}/nope' does not exist"),
-    (G(M, "--thinking=1"), "ignored explicit argument '1'"),
+    (G(M, "--thinking=sometimes"), "--thinking=sometimes: write --thinking, --no-thinking, or --thinking=true"),
     # gguf_import.py
     (I("{w}/fake.gguf", "{w}/mine"), "{w}/mine is not empty and is not an earlier gguf_import output"),
     (I("{w}/fake.gguf", "{w}/model"), "{w}/model is not empty and is not an earlier gguf_import output"),

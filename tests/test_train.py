@@ -127,8 +127,15 @@ def test_help_lists_every_option_with_its_default_and_comment(capsys):
     for f in fields(train.TrainConfig) + fields(QuietStarConfig):
         assert f"--{f.name}" in text, f.name
     assert "--max_steps INT optimizer steps in all (plain and thinking) (default: 40)" in text
-    assert "--resume, --no-resume continue the run saved in out_dir (default: False)" in text
+    assert "--resume [BOOL], --no-resume [BOOL] continue the run saved in out_dir (default: False)" in text
     assert "non-myopic (n_ahead_talk: 4) (default: 4)" in text
+
+
+@pytest.mark.parametrize("spelling,value", [("--resume", True), ("--no-resume", False), ("--resume=true", True),
+                                            ("--resume=1", True), ("--resume=YES", True), ("--resume=on", True),
+                                            ("--resume=false", False), ("--resume=0", False), ("--resume=no", False)])
+def test_boolean_flags_take_every_common_spelling(spelling, value):
+    assert vars(train.build_parser().parse_args([spelling]))["resume"] is value
 
 
 def test_changed_learning_rates_take_effect_on_resume(tiny_dir, tmp_path, capsys):
