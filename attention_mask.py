@@ -1,13 +1,13 @@
 """Attention masks for plain decoding and for parallel thoughts, as pure functions.
 
 Every mask is a bool tensor, True = the query may attend to the key. Rows are queries, columns are keys.
-These are the readable reference: the fast path (thought_cache.ThoughtCache) never builds them, and the
+These are the readable reference: the fast path (fast.ThoughtCache) never builds them, and the
 tests prove the two agree.
 
 Position convention for thoughts (one thought stream per real position i, all streams in parallel):
     real token x_i                    position i
-    thought step s = 1, 2, ...        position i + s      (<start> is step 1, then the sampled tokens,
-                                                           <end>, then the teacher-forced true tokens)
+    thought pass at offset 1, 2, ...  position i + offset (<start> is offset 1, c_j offset 1 + j,
+                                                           <end> offset L + 2, then the teacher-forced true tokens)
 So every stream reads exactly like the text "x_0 ... x_i <start> c_1 ... c_L <end> x_{i+1} ..." with
 consecutive positions, and the sliding window (counted in positions, as in Hugging Face's Mistral: a query
 at position p sees keys at positions p - W < q <= p) applies to real and thought keys alike.
@@ -38,37 +38,37 @@ def causal_mask(n_queries: int, n_keys: int | None = None, window: int | None = 
     return mask
 
 
-def thought_mask(T: int, step: int, window: int | None = None, device=None) -> Tensor:
-    """Mask for thought step `step` (>= 1) of all T streams at once, over every key computed so far.
+def thought_mask(T: int, offset: int, window: int | None = None, device=None) -> Tensor:
+    """Mask for the thought pass at `offset` (>= 1) of all T streams at once, over every key computed so far.
 
-    Keys are [T real tokens | step 1 | ... | step], each block T wide; returns (T, T * (step + 1)).
-    Query i is stream i's token at step `step`. T=3, step=2:
-              real   step1  step2
+    Keys are [T real tokens | pass 1 | ... | pass `offset`], each block T wide; returns (T, T * (offset + 1)).
+    Query i is stream i's token at position i + offset. T=3, offset=2:
+              real   pass1  pass2
         s0    1 . .  1 . .  1 . .
         s1    1 1 .  . 1 .  . 1 .
         s2    1 1 1  . . 1  . . 1
     Stream i sees the real prefix x_0..x_i and only its own earlier thought tokens (the diagonal of each
-    thought block). With a window W the query sits at position i + step, so it loses real keys j <= i +
-    step - W and its own thought tokens more than W - 1 steps back. T=4, step=2, W=3:
-              real     step1    step2
+    thought block). With a window W the query sits at position i + offset, so it loses real keys j <= i +
+    offset - W and its own thought tokens more than W - 1 passes back. T=4, offset=2, W=3:
+              real     pass1    pass2
         s0    1 . . .  1 . . .  1 . . .
         s1    . 1 . .  . 1 . .  . 1 . .
         s2    . . 1 .  . . 1 .  . . 1 .
         s3    . . . 1  . . . 1  . . . 1
     """
     i = torch.arange(T, device=device)
-    query_pos = (i + step)[:, None]                                         # (T, 1)
+    query_pos = (i + offset)[:, None]                                         # (T, 1)
     real = i[None, :] <= i[:, None]                                         # causal over real keys
     if window is not None:
         real &= i[None, :] > query_pos - window
     eye = torch.eye(T, dtype=torch.bool, device=device)
     blocks = [real]
-    for s in range(1, step + 1):                                            # own token of step s
-        visible = window is None or step - s < window
+    for p in range(1, offset + 1):                                          # own token of pass p
+        visible = window is None or offset - p < window
         blocks.append(eye if visible else torch.zeros_like(eye))
     return torch.cat(blocks, dim=1)
 
 
-def thought_positions(T: int, step: int, device=None) -> Tensor:
-    """Position ids of the T stream tokens at thought step `step`: (T,) = [step, 1 + step, ...]."""
-    return torch.arange(T, device=device) + step
+def thought_positions(T: int, offset: int, device=None) -> Tensor:
+    """Position ids of the T stream tokens of the thought pass at `offset`: (T,) = [offset, 1 + offset, ...]."""
+    return torch.arange(T, device=device) + offset

@@ -37,8 +37,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import Parser, UsageError, add_model_options, at_least, check_writable, fail, load_model
-from data import TokenWindows, arithmetic_texts, bare_answer_spans, document_text, parse_kinds, read_jsonl, read_texts
+from data import (
+    TokenWindows,
+    arithmetic_texts,
+    bare_answer_spans,
+    document_text,
+    parse_kinds,
+    read_jsonl,
+    read_texts,
+)
+from machinery.cli import Parser, UsageError, add_model_options, at_least, check_writable, fail
+from machinery.hf_io import load_model
 from qstar import QuietStar
 
 TASKS = ("gsm8k", "csqa", "gsm8k_gen", "nll", "thoughts")
@@ -381,7 +390,7 @@ def thoughts_page_path(args) -> Path:
 
 
 def thoughts_page(args) -> Path:
-    from thoughts_page import write_thoughts_page
+    from machinery.thoughts_page import write_thoughts_page
     text = (arithmetic_texts(8, seed=HELDOUT_SEED + args.seed, bare_fraction=args.bare_fraction, kinds=args.problems)
             if args.data == "arithmetic" else read_texts(args.data, limit=1))
     out = thoughts_page_path(args)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from cli import BoolFlag, Parser, UsageError, add_model_options, at_least, fail, load_model
+from machinery.cli import BoolFlag, Parser, UsageError, add_model_options, at_least, fail
+from machinery.hf_io import load_model
 from model import Mistral
 from qstar import QuietStar, mix, sample_from_logits
 

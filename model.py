@@ -3,20 +3,19 @@
     token embedding -> n_layers x [RMSNorm -> attention (RoPE, grouped-query, causal or sliding window)
                                    RMSNorm -> SwiGLU MLP] -> RMSNorm -> LM head (tied or untied)
 
-Loads Hugging Face checkpoints (config.json + safetensors + tokenizer.json) without `transformers`.
-Module names copy Hugging Face's leaf names, so a state_dict key is the checkpoint's key minus "model.".
+Module names copy Hugging Face's leaf names, so a state_dict key is a Hugging Face checkpoint's key minus
+"model.": machinery/hf_io.py loads such checkpoints (config.json + safetensors + tokenizer.json) without
+`transformers`, and tests/test_model.py checks the logits against transformers'.
 
 Shapes: B batch, S new tokens, P cached tokens, D model dim, H query heads, K key/value heads,
 E head dim, F MLP dim, V vocabulary.
 
 The seam Quiet-STaR needs: the model never decides where thought tokens go. A caller passes input
 embeddings, explicit position ids, a bool mask (True = may attend) and a cache that owns the attention
-over earlier keys (see KVCache; thought_cache.py has the caches for parallel thoughts).
+over earlier keys (see KVCache; qstar.py and fast.py have the caches for parallel thoughts).
 """
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +23,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from attention_mask import causal_mask
-
-SUPPORTED_ARCHITECTURES = ("MistralForCausalLM", "LlamaForCausalLM")
 
 
 @dataclass
@@ -48,57 +45,11 @@ class MistralConfig:
     eos_token_id: int | list[int] | None = None
     max_position_embeddings: int = 32768
 
-    @classmethod
-    def from_hf(cls, hf: dict) -> "MistralConfig":
-        """Map a Hugging Face config.json (dict) onto our names; the one place that knows both."""
-        arch = (hf.get("architectures") or ["?"])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {arch!r}: this model.py implements {', '.join(SUPPORTED_ARCHITECTURES)} "
-                "(Quiet-STaR needs a decoder whose attention it can re-route; other families differ in norms, "
-                "biases or position encodings and would load silently wrong)")
-        # transformers >= 5 writes RoPE settings as rope_parameters = {rope_theta, rope_type, ...}
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type")) not in (None, "default"):
-            raise ValueError(f"RoPE scaling {rope} is not supported: only plain RoPE (rope_type 'default')")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported: Mistral/Llama use 'silu'")
-        n_heads = hf["num_attention_heads"]
-        return cls(
-            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, ffn_dim=hf["intermediate_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-5),
-            rope_theta=hf.get("rope_theta") or rope.get("rope_theta") or 10000.0,
-            sliding_window=hf.get("sliding_window") if arch == "MistralForCausalLM" else None,
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
-            architecture=arch, bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-            max_position_embeddings=hf.get("max_position_embeddings", 32768))
-
     @property
     def eos_ids(self) -> list[int]:
         """eos_token_id as a list (HF configs hold an int, a list or null)."""
         eos = self.eos_token_id
         return [] if eos is None else eos if isinstance(eos, list) else [eos]
-
-    def to_hf(self) -> dict:
-        """The inverse of from_hf: a config.json that transformers reads back into the same model."""
-        hf = {
-            "architectures": [self.architecture],
-            "model_type": "mistral" if self.architecture == "MistralForCausalLM" else "llama",
-            "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim, "intermediate_size": self.ffn_dim, "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta, "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu",
-            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
-            "max_position_embeddings": self.max_position_embeddings,
-        }
-        if self.architecture == "MistralForCausalLM":
-            hf["sliding_window"] = self.sliding_window
-        else:
-            hf |= {"attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias}
-        return hf
 
 
 # ---- building blocks -------------------------------------------------------------------------------
@@ -313,84 +264,3 @@ class Mistral(nn.Module):
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-# ---- loading and saving Hugging Face checkpoints --------------------------------------------------
-
-def safetensor_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / name for name in sorted(set(weight_map.values()))]
-    single = model_dir / "model.safetensors"
-    if single.exists():
-        return [single]
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir} "
-                            "(only safetensors checkpoints are read; convert .bin/.pth files first)")
-
-
-def read_state_dict(model_dir: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-    state = {}
-    for file in safetensor_files(model_dir):
-        try:
-            shard = load_file(file)
-        except Exception as e:
-            raise ValueError(f"cannot read {file}: {e}. The file is truncated or corrupt; download or "
-                             "convert it again") from None
-        state |= {k.removeprefix("model."): v for k, v in shard.items()}
-    return state
-
-
-def load_pretrained(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu"):
-    """Load (model, tokenizer) from a Hugging Face folder, a Hub id or a built-in short name.
-
-    The tokenizer is a `tokenizers.Tokenizer` read from tokenizer.json."""
-    from tokenizers import Tokenizer
-
-    from gguf_import import resolve_model_dir
-    model_dir = resolve_model_dir(name_or_path)
-    config_file = model_dir / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{model_dir} has no config.json: it is not a Hugging Face model folder")
-    cfg = MistralConfig.from_hf(json.loads(config_file.read_text()))
-    with torch.device("meta"):
-        model = Mistral(cfg)                           # shapes only, no memory
-    state = {k: v.to(device=device, dtype=dtype) for k, v in read_state_dict(model_dir).items()}
-    if cfg.tie_embeddings and "embed_tokens.weight" in state:   # one tensor serves both; some files store a copy
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:                          # missing, unexpected or wrongly shaped tensors
-        raise ValueError(f"the weights in {model_dir} do not match its config.json: "
-                         f"{' '.join(str(e).split())[:600]}") from None
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    tokenizer_file = model_dir / "tokenizer.json"
-    if not tokenizer_file.exists():
-        raise FileNotFoundError(f"{model_dir} has no tokenizer.json (the fast-tokenizer file read by the "
-                                "`tokenizers` library)")
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    if tokenizer.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
-        raise ValueError(
-            f"tokenizer.json has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens but the model's "
-            f"embedding has only {cfg.vocab_size} rows: the tokenizer belongs to a different model")
-    return model.eval(), tokenizer
-
-
-def save_pretrained(model: Mistral, tokenizer, out_dir: str | Path, state_dict: dict | None = None):
-    """Write config.json, model.safetensors and tokenizer.json in the Hugging Face layout (readable by
-    transformers and by load_pretrained). state_dict: what to write instead of model.state_dict() (LoRA
-    merges its adapters first). Not atomic by itself: train.py writes into a fresh folder."""
-    from safetensors.torch import save_file
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {f"model.{k}" if not k.startswith("lm_head") else k: v.detach().contiguous()
-             for k, v in (state_dict or model.state_dict()).items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
-    hf_config = model.config.to_hf() | {"torch_dtype": str(state["model.norm.weight"].dtype).removeprefix("torch.")}
-    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
-    tokenizer.save(str(out_dir / "tokenizer.json"))

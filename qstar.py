@@ -5,7 +5,7 @@ Paper: Zelikman et al. 2024, "Quiet-STaR: Language Models Can Teach Themselves t
   1. base pass - one plain causal pass over the text: the no-thought prediction of x_{i+1}, and the keys and
                  values every thought attends to;
   2. think     - <start>, then L sampled thought tokens c_1 .. c_L after x_0 .. x_i: one decoder pass per
-                 thought token for all T positions together (thought_cache.py / attention_mask.py: who sees what);
+                 thought token for all T positions together (attention_mask.py draws who sees what);
   3. talk      - <end>, then the next N true tokens teacher-forced; a mixing head blends each post-thought
                  prediction with the base prediction of the same token;
   4. reward    - how much the thought raised log p(x_{i+1} .. x_{i+N}) over no thought; the baseline is the mean
@@ -16,23 +16,27 @@ The README's walk-through and the docstrings below use the same numbers.
 
 Shapes: B batch, T tokens, M thoughts per position (n_thoughts), L thought length (thought_len), N true tokens
 scored after a thought (n_true), D model width, V vocabulary. Rows of size B*M hold thought m of text b at
-row b*M + m.
+row b*M + m. One stream (text position i with one of its thoughts) takes these positions:
+
+    x_0 .. x_i | <start>  c_1    ..  c_L     <end>    x_{i+1}  ..  x_{i+N-1}
+    0   .. i   | i+1      i+2    ..  i+1+L   i+L+2    i+L+3    ..  i+L+1+N
+               | offset 1 offset 2 .. L+1    L+2      L+3      ..  L+1+N
+
+A thought pass at `offset` runs one token of every stream at once, at positions i + offset (i = 0 .. T-1).
+
+Everything here is the plain computation, the one to read and step through: a dense attention mask, log_softmax
+and gather, sampling in plain sight. fast.py holds equal, faster twins (tests/test_qstar.py proves them equal)
+and fast.use(qs) swaps them in; train.py's presets do.
 """
 
-import json
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attention_mask import thought_positions
-from model import Mistral, load_pretrained, save_pretrained
-from thought_cache import DenseThoughtCache, ThoughtCache
-from token_logprob import lm_head_logits, token_logprob
-
-QUIETSTAR_WEIGHTS, QUIETSTAR_CONFIG = "quietstar.safetensors", "quietstar.json"
+from attention_mask import thought_mask, thought_positions
+from model import KVCache, Mistral, upcast
 
 
 @dataclass
@@ -41,7 +45,7 @@ class QuietStarConfig:
     thought_len: int = 9               # L sampled thought tokens between <start> and <end> (n_ahead = L + 3: 12)
     n_true: int = 4                    # N true tokens scored after each thought: non-myopic (n_ahead_talk: 4)
     n_thoughts: int = 2                # M thoughts per position; their mean reward is the baseline (n_passes: 2)
-    thought_temperature: float = 1.0   # sampling temperature of thought tokens (always 1 in effect, see README)
+    thought_temperature: float = 1.0   # sampling temperature of thought tokens (gumbel_temperature: no effect there, so 1)
     # the loss
     base_loss_weight: float = 0.5      # weight of the no-thought NLL; the talk NLLs share the rest (original_loss_weight: 0.5)
     policy_weight: float = 1.0         # REINFORCE term weight; 1e6 there makes it swamp the NLL (policy_loss_beta: 1e6)
@@ -52,8 +56,7 @@ class QuietStarConfig:
     marker_grad_scale: float = 100.0   # markers are stored / this and used * this: their step is this much larger (embedding_scale: 100)
     marker_init: str = ""              # text of the single token whose embedding starts both markers; "" = em dash or "---"
     mixing_hidden: int | None = None   # hidden width of the mixing MLP; None = model dim (talk head: d)
-    # speed and memory (results are the same either way; tests prove it)
-    fast_attention: bool = True        # thought_cache.ThoughtCache; False = dense masks (the official way)
+    # memory (results are the same either way; tests prove it). The fast twins: fast.use(qs)
     activation_checkpointing: bool = False  # keep every 2nd layer's input, recompute the rest in backward: slower, far less memory
 
     def __post_init__(self):
@@ -75,24 +78,27 @@ class QuietStarConfig:
 
 class ThoughtMarkers(nn.Module):
     """The learned <start> and <end> input embeddings: own parameters, outside the vocabulary, so the LM
-    head can never emit them. Stored divided by `grad_scale` and used multiplied by it, so with SGD they
-    move grad_scale^2 and with Adam grad_scale times faster than a weight of the same size."""
+    head can never emit them. Both start as the embedding of an em dash (or "---"): a token that already means
+    "an aside begins / ends here" to a pretrained model, so the first thoughts read as asides, not noise.
+    Stored divided by `grad_scale` (100) and used multiplied by it: the paper wants the markers to learn much
+    faster than the rest of the model, and with Adam, whose step is ~lr per stored coordinate whatever the
+    gradient's size, this makes their step grad_scale times larger in embedding space (grad_scale^2 with SGD)."""
 
     def __init__(self, init: Tensor, grad_scale: float):
         super().__init__()
         self.grad_scale = grad_scale
-        self.scaled = nn.Parameter(init.detach().float().repeat(2, 1) / grad_scale)  # (2, D): start, end
+        self.stored = nn.Parameter(init.detach().float().repeat(2, 1) / grad_scale)  # (2, D): start, end
         self.register_buffer("initial", init.detach().float().clone())          # (D,): for marker_drift()
 
     def forward(self) -> tuple[Tensor, Tensor]:
-        start, end = self.scaled * self.grad_scale
+        start, end = self.stored * self.grad_scale
         return start, end
 
     @torch.no_grad()
-    def drift(self) -> tuple[float, float]:
-        """How far <start> and <end> moved from their initial embedding, relative to its size."""
-        scaled = self.scaled.full_tensor() if hasattr(self.scaled, "full_tensor") else self.scaled   # FSDP: a shard
-        start, end = scaled * self.grad_scale
+    def drift(self, stored: Tensor | None = None) -> tuple[float, float]:
+        """How far <start> and <end> moved from their initial embedding, relative to its size. stored: the
+        full stored markers where self.stored is a shard (FSDP; machinery/parallel.py gathers them)."""
+        start, end = (self.stored if stored is None else stored) * self.grad_scale
         size = self.initial.norm()
         return ((start - self.initial).norm() / size).item(), ((end - self.initial).norm() / size).item()
 
@@ -118,26 +124,46 @@ def mix(h_base: Tensor, h_thought: Tensor, weight: Tensor) -> Tensor:
     return h_base + weight * (h_thought - h_base)
 
 
-def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None, rows: tuple[int, int] = (0, 1)
-                       ) -> Tensor:
-    """One draw from softmax(logits) per row: (R, .., V) -> (R, ..). Inverse-CDF sampling: one uniform number
-    per row instead of torch.multinomial's V exponential ones (the slowest op of a thought pass).
-    rows = (r, n): these R rows are block r of n; the uniforms are drawn for all n*R rows and block r is used,
-    so that n ranks sample exactly what one process with all the rows would (parallel.py)."""
+def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None, u: Tensor | None = None) -> Tensor:
+    """One draw from softmax(logits) per row: (.., V) -> (..). Inverse-CDF sampling: one uniform number per row
+    (torch.multinomial draws V exponential ones, the slowest op of a thought pass); the same distribution.
+    u: the uniform numbers (.., 1), if not drawn here (machinery/parallel.py)."""
     cdf = (logits - logits.amax(dim=-1, keepdim=True)).exp().cumsum(dim=-1)        # (.., V), increasing
-    r, n = rows
-    R = logits.shape[0]
-    u = torch.rand(n * R, *logits.shape[1:-1], 1, device=logits.device, generator=generator)[r * R:(r + 1) * R]
+    u = torch.rand(*logits.shape[:-1], 1, device=logits.device, generator=generator) if u is None else u
     return torch.searchsorted(cdf, u * cdf[..., -1:], right=True)[..., 0].clamp(max=logits.shape[-1] - 1)
+
+
+def token_logprob(head: nn.Linear, h: Tensor, targets, temperature: float = 1.0, banned: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """log p(target | h) = log_softmax(head(h) / temperature)[target], in at least fp32 (bf16 is too coarse).
+    h (.., D); targets (..) ids, or a function of the (.., V) logits that samples them; banned: ids set to -inf
+    (never sampled). -> (log-prob (..), targets (..)). fast.token_logprob is the same without keeping the
+    (.., V) logits for backward."""
+    logits = upcast(head(h))
+    if banned is not None:
+        logits = logits.index_fill(-1, banned, float("-inf"))
+    if callable(targets):
+        with torch.no_grad():
+            targets = targets(logits)
+    return (logits / temperature).log_softmax(dim=-1).gather(-1, targets[..., None])[..., 0], targets
+
+
+class DenseThoughtCache(KVCache):
+    """The KV cache of the thought passes, the official code's way: every pass appends its keys to one long
+    cache (the real keys repeated for each of the M thoughts) and attends to all of it through
+    attention_mask.thought_mask, (T, T * (offset + 1)). fast.ThoughtCache gives the same without the mask."""
+
+    def begin_thoughts(self, n_thoughts: int):
+        self.T = len(self)
+        self.keys = [k.repeat_interleave(n_thoughts, dim=0) for k in self.keys]       # (B*M, K, T, E)
+        self.values = [v.repeat_interleave(n_thoughts, dim=0) for v in self.values]
+
+    def mask(self, offset: int) -> Tensor:
+        return thought_mask(self.T, offset, self.window, device=self.keys[0].device)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def promoted(logits: Tensor) -> Tensor:
-    """Log-probabilities in at least fp32 (bf16 logits are too coarse), and in fp64 when the model is fp64."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def talk_targets(tokens: Tensor, target_ok: Tensor, eos_ids: list[int], n_true: int) -> Tensor:
@@ -229,8 +255,12 @@ class QuietStar(nn.Module):
         banned = sorted(i for i in banned if i < model.config.vocab_size)
         self.register_buffer("banned_thought_ids", torch.tensor(banned, dtype=torch.long, device=device),
                              persistent=False)
-        self.sample_rows = (0, 1)              # (rank, ranks): which block of the global batch this process holds
-        self.sparse_embedding_grads = True     # off under DDP / FSDP, which reduce dense gradients
+        # The swappable parts, plain here. fast.use(self) swaps in fast.py's equal, faster twins;
+        # machinery/parallel.py a sampler that draws what one process with the whole batch would.
+        self.thought_cache = DenseThoughtCache          # the KV cache and attention of the thought passes
+        self.token_logprob = token_logprob              # log p(token | h) through the LM head
+        self.embed_ids = model.embed                    # thought and teacher-forced token ids -> embeddings
+        self.sample = sample_from_logits                # (.., V) logits -> one token per row
 
     def marker_embeddings(self) -> tuple[Tensor, Tensor]:
         """(start, end), each (D,): the input vectors exactly as the model sees them."""
@@ -240,31 +270,19 @@ class QuietStar(nn.Module):
 
     # ---- one decoder pass for all positions, and the LM head on top -------------------------------------
 
-    def _new_cache(self):
-        cache_class = ThoughtCache if self.config.fast_attention else DenseThoughtCache
-        return cache_class(self.model.config.n_layers, self.model.config.sliding_window)
-
-    def _embed(self, ids: Tensor) -> Tensor:
-        """Embeddings of thought and teacher-forced tokens, with a sparse gradient: each of the many lookups
-        per step would otherwise write a dense (V, D) gradient (a 113 MB memset per pass for SmolLM2). The
-        base pass's dense lookup keeps the summed gradient dense for the optimizer."""
-        sparse = self.sparse_embedding_grads and torch.is_grad_enabled()
-        return F.embedding(ids, self.model.embed_tokens.weight, sparse=sparse)
-
-    def _pass(self, embeds: Tensor, step: int, cache) -> Tensor:
-        """Thought step `step` of every stream: embeds (B*M, T, D) at positions i + step -> hidden (B*M, T, D)."""
-        positions = thought_positions(embeds.shape[1], step, device=embeds.device)      # i + step
-        return self.model.hidden(embeds, positions, mask=cache.mask(step), cache=cache)
+    def _pass(self, embeds: Tensor, offset: int, cache) -> Tensor:
+        """One thought pass: embeds (B*M, T, D), token `offset` of every stream, at positions i + offset ->
+        hidden (B*M, T, D)."""
+        positions = thought_positions(embeds.shape[1], offset, device=embeds.device)    # i + offset
+        return self.model.hidden(embeds, positions, mask=cache.mask(offset), cache=cache)
 
     def _token_logp(self, h: Tensor, targets: Tensor) -> Tensor:
-        """h (.., D), targets (..) -> log softmax(lm_head(h))[targets] (..): a prediction's log-prob of a token.
-        token_logprob.py keeps no (.., V) tensor for backward (it recomputes the logits there)."""
-        return token_logprob(self.model.lm_head, h, targets)[0]
+        """h (.., D), targets (..) -> log softmax(lm_head(h))[targets] (..): a prediction's log-prob of a token."""
+        return self.token_logprob(self.model.lm_head, h, targets)[0]
 
     def thought_token_logits(self, h: Tensor) -> Tensor:
         """The LM head's logits for a thought token (at least fp32): never EOS or a special token."""
-        head = self.model.lm_head
-        return lm_head_logits(h, head.weight, head.bias, self.banned_thought_ids)
+        return upcast(self.model.lm_head(h)).index_fill(-1, self.banned_thought_ids, float("-inf"))
 
     def _thought_token(self, h: Tensor, given: Tensor | None) -> tuple[Tensor, Tensor]:
         """Step 2's choice of the next thought token: h (B*M, T, D) -> (log-prob at the REINFORCE temperature,
@@ -273,23 +291,23 @@ class QuietStar(nn.Module):
         cfg = self.config
 
         def sample(logits: Tensor) -> Tensor:                    # (B*M, T, V) with the banned ids at -inf
-            scaled = logits if cfg.thought_temperature == 1 else logits / cfg.thought_temperature
-            return sample_from_logits(scaled, rows=self.sample_rows)
-        return token_logprob(self.model.lm_head, h, sample if given is None else given,
-                             cfg.reinforce_temperature or cfg.thought_temperature, self.banned_thought_ids)
+            return self.sample(logits / cfg.thought_temperature)
+        return self.token_logprob(self.model.lm_head, h, sample if given is None else given,
+                                  cfg.reinforce_temperature or cfg.thought_temperature, self.banned_thought_ids)
 
     # ---- the steps ----------------------------------------------------------------------------------------
 
     def base_pass(self, tokens: Tensor):
         """Step 1: the plain causal pass over the real tokens, shared by all M thoughts.
         tokens (B, T) -> (hidden (B, T, D), the cache every thought attends to)."""
-        cache = self._new_cache()
+        cache = self.thought_cache(self.model.config.n_layers, self.model.config.sliding_window)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         return self.model.hidden(self.model.embed(tokens), positions, cache=cache), cache
 
     def think(self, tokens: Tensor, cache, n_thoughts: int, thought_ids: Tensor | None = None):
         """Step 2: <start>, then c_1 .. c_L, one pass each, for all B*M streams and all T positions at once.
-        Thought token j of position i sits at position i + j and sees x_0 .. x_i and its own thought only.
+        <start> of position i sits at i + 1 and thought token c_j at i + 1 + j (the module docstring draws it);
+        each sees x_0 .. x_i and its own thought only.
 
         thought_ids (B*M, T, L) or None to sample them. -> (thought ids (B*M, T, L), their summed
         log-probs at the REINFORCE temperature (B*M, T)); afterwards the cache holds the whole thought."""
@@ -300,14 +318,14 @@ class QuietStar(nn.Module):
         cache.begin_thoughts(n_thoughts)
         ids, logp_sum = [], 0.0
         for j in range(L + 1):
-            h = self._pass(x, step=1 + j, cache=cache)                            # input: <start> or c_j
+            h = self._pass(x, offset=1 + j, cache=cache)                          # input: <start> or c_j
             if j == L:
                 break                                                             # c_L only fills the cache
             given = thought_ids[..., j] if thought_ids is not None else None
             logp, c = self._thought_token(h, given)
             ids.append(c)
             logp_sum = logp_sum + logp
-            x = self._embed(c)
+            x = self.embed_ids(c)
         return torch.stack(ids, dim=-1), logp_sum
 
     def talk(self, tokens: Tensor, h_base: Tensor, cache, n_thoughts: int) -> dict[str, Tensor]:
@@ -321,7 +339,8 @@ class QuietStar(nn.Module):
 
         -> {"logp": (B*M, N, T-1) log-prob of x_{i+1+u} after the thought at i (0 past the end),
             "weight": (B*M, N, T-1) mixing weight of that prediction (0 past the end)}"""
-        T, step, N = tokens.shape[1], self.config.thought_len + 2, min(self.config.n_true, tokens.shape[1] - 1)
+        T, N = tokens.shape[1], min(self.config.n_true, tokens.shape[1] - 1)
+        end_offset = self.config.thought_len + 2                                # <end> at i + L + 2
         rows = tokens.repeat_interleave(n_thoughts, dim=0)                       # (B*M, T)
         h_base = h_base.repeat_interleave(n_thoughts, dim=0)                     # (B*M, T, D)
         _, end = self.marker_embeddings()
@@ -329,13 +348,13 @@ class QuietStar(nn.Module):
         logp = h_base.new_zeros(rows.shape[0], N, T - 1, dtype=torch.promote_types(h_base.dtype, torch.float32))
         weight = torch.zeros_like(logp)
         for u in range(N):
-            h = self._pass(x, step + u, cache)[:, :T - 1 - u]                     # (B*M, T-1-u, D)
+            h = self._pass(x, end_offset + u, cache)[:, :T - 1 - u]               # (B*M, T-1-u, D)
             w = self.mixing_head(h_base[:, u:T - 1], h)                           # (B*M, T-1-u, 1)
             h_mixed = mix(h_base[:, u:T - 1], h, w)
             logp[:, u, :T - 1 - u] = self._token_logp(h_mixed, rows[:, 1 + u:])
             weight[:, u, :T - 1 - u] = w[..., 0]
             if u + 1 < N:  # next input at position i: the true token x_{i+1+u} (dummy past the end)
-                x = self._embed(F.pad(rows[:, 1 + u:], (0, 1 + u)))
+                x = self.embed_ids(F.pad(rows[:, 1 + u:], (0, 1 + u)))
         return {"logp": logp, "weight": weight}
 
     def forward(self, tokens: Tensor, loss_mask: Tensor | None = None, think: bool = True) -> dict[str, Tensor]:
@@ -394,7 +413,7 @@ class QuietStar(nn.Module):
         h_base, cache = self.base_pass(tokens)
         ids, _ = self.think(tokens, cache, 1, thought_ids)
         _, end = self.marker_embeddings()
-        return h_base, self._pass(end.expand(*tokens.shape, -1), self.config.thought_len + 2, cache), ids
+        return h_base, self._pass(end.expand(*tokens.shape, -1), self.config.thought_len + 2, cache), ids   # <end>
 
     def thought_logits(self, tokens: Tensor, thought_ids: Tensor) -> Tensor:
         """tokens (B, T), thought_ids (B, T, L) -> LM-head logits (B, T, V) of the hidden state at <end>
@@ -420,65 +439,6 @@ class QuietStar(nn.Module):
         """Per-token view, for evaluation and the thoughts page: nll_base and nll_thought (B, T-1), the NLL
         of x_{i+1} without / after the thought at i; mix_weight (B, T-1); thought_ids (B, T, L)."""
         p = self.predict(tokens, thought_ids)
-        targets = tokens[:, 1:, None]
-        nll = {name: -promoted(self.model.lm_head(p[h][:, :-1])).log_softmax(-1).gather(-1, targets)[..., 0]
+        nll = {name: -self._token_logp(p[h][:, :-1], tokens[:, 1:])
                for name, h in (("nll_base", "h_base"), ("nll_thought", "h_mixed"))}
         return nll | {"mix_weight": p["mix_weight"][:, :-1], "thought_ids": p["thought_ids"]}
-
-    # ---- saving and loading ---------------------------------------------------------------------------
-
-    def save_pretrained(self, out_dir: str | Path, tokenizer, state: dict | None = None):
-        """The base model in the Hugging Face layout plus quietstar.safetensors (markers, mixing head) and
-        quietstar.json (this config) beside it. state: this module's full state dict to write, if not
-        self.state_dict() (under FSDP: gathered; with LoRA: the merged base weights under "model.")."""
-        from safetensors.torch import save_file
-        out_dir = Path(out_dir)
-        state = self.state_dict() if state is None else state
-        save_pretrained(self.model, tokenizer, out_dir, {k[6:]: v for k, v in state.items() if k.startswith("model.")})
-        parts = {k: v.detach().contiguous() for k, v in state.items() if not k.startswith("model.")}
-        save_file(parts, out_dir / QUIETSTAR_WEIGHTS, metadata={"format": "pt"})
-        (out_dir / QUIETSTAR_CONFIG).write_text(json.dumps(asdict(self.config), indent=2))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype=torch.float32, device="cpu", **overrides):
-        """Load a model saved by save_pretrained (or a training run's folder: its latest checkpoint); the trained
-        markers and mixing head are kept as saved (never re-initialised). A plain Hugging Face folder, a built-in
-        name or a Hub id gives fresh markers and a zero mixing head."""
-        from gguf_import import resolve_model_dir
-        folder = resolve_model_dir(path)
-        model, tokenizer = load_pretrained(folder, dtype=dtype, device=device)
-        config_file = folder / QUIETSTAR_CONFIG
-        saved = json.loads(config_file.read_text()) if config_file.exists() else {}
-        known = {f.name for f in fields(QuietStarConfig)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"unknown QuietStarConfig fields {sorted(unknown)}; valid: {sorted(known)}")
-        qs = cls(model, QuietStarConfig(**{k: v for k, v in saved.items() if k in known} | overrides), tokenizer)
-        if config_file.exists() or (folder / QUIETSTAR_WEIGHTS).exists():
-            load_quietstar_parts(qs, folder)
-        return qs, tokenizer
-
-
-def load_quietstar_parts(qs: QuietStar, folder: Path):
-    """The markers and the mixing head from folder/quietstar.safetensors, strictly: both Quiet-STaR files must be
-    there, and every tensor must exist with its shape; anything else is an error naming the file and the key."""
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    for name in (QUIETSTAR_WEIGHTS, QUIETSTAR_CONFIG):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} is missing (a Quiet-STaR checkpoint has both "
-                                    f"{QUIETSTAR_WEIGHTS} and {QUIETSTAR_CONFIG})")
-    try:
-        saved = load_file(folder / QUIETSTAR_WEIGHTS, device=str(qs.markers.scaled.device))
-    except Exception as e:
-        raise ValueError(f"cannot read {folder / QUIETSTAR_WEIGHTS}: {e}") from None
-    expected = {k: v for k, v in qs.state_dict().items() if not k.startswith("model.")}
-    for key in sorted(expected.keys() | saved.keys()):
-        if key not in saved:
-            raise ValueError(f"{folder / QUIETSTAR_WEIGHTS} has no tensor {key!r}")
-        if key not in expected:
-            raise ValueError(f"{folder / QUIETSTAR_WEIGHTS} has an unexpected tensor {key!r}")
-        if saved[key].shape != expected[key].shape:
-            raise ValueError(f"{folder / QUIETSTAR_WEIGHTS}: {key!r} has shape {tuple(saved[key].shape)}, the "
-                             f"model needs {tuple(expected[key].shape)} ({QUIETSTAR_CONFIG} does not match)")
-    qs.load_state_dict(saved, strict=False)                      # every non-model key checked above

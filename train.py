@@ -1,39 +1,53 @@
-"""Train Quiet-STaR. main() is the table of contents: settings, run folder, model, data, optimizer, resume,
-the loop, the end. Each stage is one function below, in that order.
+"""Train Quiet-STaR, top to bottom: settings, data, model, optimizer, one step, evaluation, the loop, main.
+The machinery around a run (command line, Ctrl-C, checkpoints, resume, torchrun) is in machinery/run.py.
 
     python train.py                                # CPU quick start: SmolLM2-135M, built-in arithmetic text
-    python train.py --preset think                 # thinking that wins on held-out bare answers (~50 min, 2 cores)
+    python train.py --preset think                 # aimed at bare answers (~50 min, 2 cores; does not win, README)
     python train.py --data ../shared/data/gsm8k/train.jsonl --max_steps 200
     python train.py --preset paper --lora_rank 16  # one GPU: Mistral-7B, the official hyperparameters
     python train.py --out_dir out --resume         # continue a run exactly where its checkpoint left it
+    python train.py --no-fast                      # the plain computation of qstar.py (same results, slower)
     python train.py --help                         # every option, its default and what it does
 
 Every field of TrainConfig (below) and of qstar.QuietStarConfig is an option.
 """
 
-import argparse
-import contextlib
-import ctypes
-import json
-import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-import gpu
-import parallel
-from checkpoint import CheckpointWriteError, RunLock, checkpoint_step, crash_point, prepare_out_dir, verify_checkpoint, write_checkpoint
-from cli import Parser, UsageError, add_dataclass_options, check, fail
+import fast
 from data import TokenWindows, arithmetic_texts, bare_answer_spans, parse_kinds, read_texts
-from eval import PREDICTORS, compare_thoughts, filler_token_id, score_thoughts, thought_records
-from model import load_pretrained
-from qstar import QuietStar, QuietStarConfig, load_quietstar_parts
-from thoughts_page import write_thoughts_page
-
+from eval import PREDICTORS, compare_thoughts, filler_token_id, score_thoughts
+from machinery import gpu, parallel
+from machinery.checkpoint import crash_point
+from machinery.cli import UsageError, check, fail
+from machinery.hf_io import load_model_folder, load_pretrained, load_quietstar_parts
+from machinery.run import (
+    MetricsLog,
+    Run,
+    StopRequest,
+    describe,
+    finish,
+    format_eval,
+    gradient_split,
+    interrupted,
+    launch,
+    lock_run_folder,
+    resume_optimizer,
+    save_checkpoint,
+    say,
+    start_run,
+    stop_on_nan,
+)
+from machinery.run import build_parser as build_run_parser
+from machinery.run import parse_args as parse_run_args
+from qstar import QuietStar, QuietStarConfig
 
 # ---- 1. settings ------------------------------------------------------------------------------------------
 
@@ -70,6 +84,7 @@ class TrainConfig:
     dist_timeout: int = 1800        # seconds a rank waits for the others (a failed rank) before stopping with an error
     seed: int = 1337                # data order, thought samples and initialisation
     threads: int = 0                # CPU threads for torch; 0 = torch's default
+    fast: bool = True               # fast.py's twins: equal results, less time and memory; --no-fast: the plain path to step through
 
     def __post_init__(self):
         check(self.preset in PRESETS, f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
@@ -113,67 +128,16 @@ PRESETS = {
 FIXED_ON_RESUME = ("model", "lora_rank", "lora_alpha", "thought_len", "n_thoughts", "n_true", "marker_init",
                    "marker_grad_scale", "mixing_hidden", "preset")
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_options(parser, TrainConfig, "training (train.py TrainConfig)")
-    add_dataclass_options(parser, QuietStarConfig, "Quiet-STaR (qstar.py QuietStarConfig)")
-    return parser
+def build_parser():
+    return build_run_parser(TrainConfig, __doc__)
 
 
 def parse_args(argv: list[str]) -> tuple[TrainConfig, QuietStarConfig, list[str]]:
-    """Defaults < preset < (on --resume: the run's saved settings) < what the user typed.
-    -> the two configs and the settings that a resume changes (printed, and they take effect)."""
-    given = vars(build_parser().parse_args(argv))
-    train_keys, qstar_keys = {f.name for f in fields(TrainConfig)}, {f.name for f in fields(QuietStarConfig)}
-    preset = given.get("preset", TrainConfig.preset)
-    if preset not in PRESETS:
-        raise UsageError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    values, changed = PRESETS[preset] | given, []
-    if given.get("resume"):
-        out_dir = Path(given.get("out_dir", TrainConfig.out_dir))
-        saved_file = verify_checkpoint(out_dir) / "train_config.json"
-        if not saved_file.is_file():
-            raise UsageError(f"--resume: {saved_file} is missing, so the run's settings are unknown; start a new "
-                             "--out_dir")
-        saved = json.loads(saved_file.read_text())
-        saved = saved["train"] | saved["qstar"]
-        differ = {k: (saved.get(k), v) for k, v in given.items() if k in saved and saved[k] != v}
-        fixed = [f"--{k} {old!r} -> {new!r}" for k, (old, new) in differ.items() if k in FIXED_ON_RESUME]
-        if fixed:
-            raise UsageError(f"--resume cannot change {', '.join(fixed)}: they define the model or the thought "
-                             "shape; start a new --out_dir instead")
-        changed = [f"--{k} {old} -> {new}" for k, (old, new) in differ.items() if k not in ("resume",)]
-        values = saved | given
-    try:
-        return (TrainConfig(**{k: v for k, v in values.items() if k in train_keys}),
-                QuietStarConfig(**{k: v for k, v in values.items() if k in qstar_keys}), changed)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    """Defaults < preset < (on --resume: the run's saved settings) < what the user typed (machinery/run.py)."""
+    return parse_run_args(argv, TrainConfig, PRESETS, FIXED_ON_RESUME, __doc__)
 
 
-# ---- 2. model ------------------------------------------------------------------------------------------------
-
-def build_model(cfg: TrainConfig, qcfg: QuietStarConfig, device, use_bf16: bool, checkpoint: Path | None):
-    """The base model (full fine-tuning: from the checkpoint when resuming; LoRA: the frozen base in bf16 on GPU
-    plus adapters) wrapped in QuietStar; when resuming, the trained markers and mixing head exactly as saved."""
-    torch.manual_seed(cfg.seed)
-    base_dtype = torch.bfloat16 if cfg.lora_rank and use_bf16 else torch.float32
-    source = checkpoint if checkpoint is not None and not cfg.lora_rank else cfg.model
-    model, tokenizer = load_pretrained(source, dtype=base_dtype, device=device)
-    if cfg.lora_rank:
-        from lora import add_lora, load_adapters
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha)
-        model.to(device)
-        if checkpoint is not None:
-            load_adapters(model, checkpoint)
-    qs = QuietStar(model, qcfg, tokenizer).to(device)
-    if checkpoint is not None:
-        load_quietstar_parts(qs, checkpoint)
-    return qs.train(), tokenizer
-
-
-# ---- 3. data -------------------------------------------------------------------------------------------------
+# ---- 2. data -------------------------------------------------------------------------------------------------
 
 def read_documents(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     """-> training and held-out documents: the built-in arithmetic problems from two seeds, or the documents of
@@ -203,6 +167,30 @@ def load_data(cfg: TrainConfig, documents, tokenizer, eos: int | None):
     return train, val
 
 
+# ---- 3. model ------------------------------------------------------------------------------------------------
+
+def build_model(cfg: TrainConfig, qcfg: QuietStarConfig, device, use_bf16: bool, checkpoint: Path | None):
+    """The base model (full fine-tuning: from the checkpoint when resuming; LoRA: the frozen base in bf16 on GPU
+    plus adapters) wrapped in QuietStar; when resuming, the trained markers and mixing head exactly as saved."""
+    torch.manual_seed(cfg.seed)
+    base_dtype = torch.bfloat16 if cfg.lora_rank and use_bf16 else torch.float32
+    if checkpoint is not None and not cfg.lora_rank:            # resuming: the trained weights, already verified
+        model, tokenizer = load_model_folder(checkpoint, dtype=base_dtype, device=device)
+    else:
+        model, tokenizer = load_pretrained(cfg.model, dtype=base_dtype, device=device)
+    if cfg.lora_rank:
+        from machinery.lora import add_lora, load_adapters
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        model.to(device)
+        if checkpoint is not None:
+            load_adapters(model, checkpoint)
+    qs = QuietStar(model, qcfg, tokenizer).to(device)
+    if checkpoint is not None:
+        load_quietstar_parts(qs, checkpoint)
+    fast.use(qs, cfg.fast, sparse_embeddings=cfg.parallel == "none")      # the fast twins (fast.py), or plain
+    return qs.train(), tokenizer
+
+
 # ---- 4. optimizer --------------------------------------------------------------------------------------------
 
 def param_groups(qs: QuietStar, cfg: TrainConfig) -> list[dict]:
@@ -224,159 +212,11 @@ def group_settings(name: str, cfg: TrainConfig) -> dict:
     return {"lr": lr, "base_lr": lr, "weight_decay": decay}
 
 
-def resume_optimizer(qs: QuietStar, optimizer, checkpoint: Path, cfg: TrainConfig) -> int:
-    """Load the optimizer's state (full, keyed by parameter name: written by any number of ranks), then set every
-    group's learning rate and weight decay from the settings, so that --lr and friends given on --resume take
-    effect. -> the step to continue from."""
-    state = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=True)
-    parallel.load_optimizer(qs, optimizer, state["optimizer"])
-    for group in optimizer.param_groups:
-        group.update(group_settings(group["name"], cfg))
-    return state["step"]
-
-
-# ---- 5. evaluation and checkpoints ---------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(run: "Run") -> dict:
-    """Held-out NLL of the next token with no thought, the sampled thought and the two controls (eval.py says
-    why), on consecutive windows (all tokens and the hardest 10%) and on windows aligned on the bare answers."""
-    qs = run.qs
-    qs.eval()
-    torch.manual_seed(run.cfg.seed)
-    row = {}
-    with run.autocast(), parallel.gathered(qs, run.ranks):
-        for name, (windows, focus) in run.val.items():
-            scores = score_thoughts(qs, torch.from_numpy(windows).to(run.device), run.filler_id, batch_size=4)
-            crash_point("eval")                     # tests/test_crash.py: a SIGKILL during evaluation
-            result = compare_thoughts(scores, torch.from_numpy(focus[:, 1:]) if name == "answer" else None)
-            for prefix, subset in ({"eval_answer_": "focus"} if name == "answer" else
-                                   {"eval_": "all", "eval_hard_": "hard"}).items():
-                if subset in result:
-                    row |= {f"{prefix}nll_{p}": round(result[subset]["nll"][p], 6) for p in PREDICTORS}
-                    row[f"{prefix}diff"] = {k: [round(x, 6) for x in v] for k, v in result[subset]["diff"].items()}
-            if name == "text":
-                row["eval_mix_weight"] = round(result["mix_weight"], 6)
-    qs.train()
-    return row
-
-
-def save_checkpoint(run: "Run", step: int) -> str | None:
-    """Gather the full state on every rank, then rank 0 writes the checkpoint (checkpoint.write_checkpoint).
-    -> None, or on every rank the error if the write failed (disk full, read-only folder): `latest` still names
-    the previous checkpoint, and the run ends with that one line."""
-    qs, cfg = run.qs, run.cfg
-    state, optimizer_state = parallel.full_states(qs, run.optimizer)
-    error = None
-    if run.ranks.main:
-        def write_files(folder: Path):
-            model_state = state
-            if cfg.lora_rank:                       # the merged base weights, plus the adapters in peft's layout
-                from lora import base_state_dict, save_adapters
-                model_state = {f"model.{k}": v for k, v in base_state_dict(qs.model).items()} | \
-                    {k: v for k, v in state.items() if not k.startswith("model.")}
-                save_adapters(qs.model, folder, cfg.model, cfg.lora_rank, cfg.lora_alpha)
-            qs.save_pretrained(folder, run.tokenizer, model_state)
-            (folder / "train_config.json").write_text(json.dumps({"train": asdict(cfg), "qstar": asdict(run.qcfg)},
-                                                                 indent=2))
-            torch.save({"step": step, "optimizer": optimizer_state}, folder / "train_state.pt")
-        try:
-            write_checkpoint(run.out_dir, step, write_files)
-        except CheckpointWriteError as e:
-            error = e
-    if parallel.any_rank(error is not None, run.ranks):
-        last = checkpoint_step(run.out_dir)
-        kept = f"the latest checkpoint is still step {last}" if last is not None else "no checkpoint was written"
-        return (f"{error or 'rank 0 could not write the checkpoint'}. Not saved; {kept}. Free space or fix the "
-                f"folder, then continue with: python train.py --out_dir {run.out_dir} --resume")
-    return None
-
-
-def gradient_split(qs: QuietStar, out: dict) -> dict:
-    """Norms of the base model's gradient from the NLL terms and from the REINFORCE term, separately: how strongly
-    the way thoughts are produced is trained, against next-token prediction. Two extra backward passes."""
-    trunk = [p for p in qs.model.parameters() if p.requires_grad]
-    norms = {}
-    for name, part in (("grad_norm_nll", out["loss"] - out["policy_term"]), ("grad_norm_reinforce", out["policy_term"])):
-        grads = torch.autograd.grad(part, trunk, retain_graph=True, allow_unused=True)
-        norms[name] = round(torch.norm(torch.stack([g.norm() for g in grads if g is not None])).item(), 6)
-    return norms
-
-
-# ---- 6. the loop -------------------------------------------------------------------------------------------
-
-@dataclass
-class Run:
-    """Everything the loop needs, built by main's stages."""
-    cfg: TrainConfig
-    qcfg: QuietStarConfig
-    ranks: parallel.Ranks
-    device: torch.device
-    autocast: object
-    out_dir: Path
-    qs: QuietStar = None
-    step_module: torch.nn.Module = None       # qs, or DDP(qs): what a training step calls
-    tokenizer: object = None
-    optimizer: torch.optim.Optimizer = None
-    train_data: TokenWindows = None
-    val: dict = None
-    filler_id: int = 0
-    log: "MetricsLog" = None
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM that stops the run at once; the exit code is 128 + its number (130, 143)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-class StopRequest:
-    """Ctrl-C or SIGTERM (what schedulers and `docker stop` send). While nothing is left to save (loading, the
-    first evaluation, the end) the run stops at once. While it trains: finish the step, save, exit; a second
-    Ctrl-C quits at once, unsaved.
-
-    Installed before anything loads: under Python's default handler a Ctrl-C that came while torch made its lazy
-    imports was lost in 6 runs of 10 (the run trained on). This handler records the signal before it raises, and
-    `check()` stops a run whose exception went missing before its first step."""
-
-    def __init__(self):
-        self.signal, self.training = None, False
-
-    def __enter__(self):
-        self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in self.previous:
-            signal.signal(s, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        again = self.signal is not None
-        self.signal = self.signal or signum                     # the first one decides the exit code
-        if not self.training or (again and signum == signal.SIGINT):
-            raise Interrupted(signum)
-        if not again:
-            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            print(f"\n{name}: saving a checkpoint after this step (Ctrl-C again to quit without saving)", flush=True)
-
-    def check(self, ranks: parallel.Ranks | None = None):
-        stop = self.signal is not None
-        if not self.training and (parallel.any_rank(stop, ranks) if ranks else stop):
-            raise Interrupted(self.signal or signal.SIGINT)
-
-    def start_training(self, ranks: parallel.Ranks):
-        self.check(ranks)                                        # every rank stops, or none
-        self.training = True
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        return False
-
+# ---- 5. one step, and evaluation ---------------------------------------------------------------------------
 
 def train_step(run: Run, step: int) -> dict:
     """One optimizer step (plain or thinking) -> its metrics row, or a row with "nonfinite" if a loss or the
-    gradient is not finite on any rank. Rank r takes its block of the global batch (parallel.py)."""
+    gradient is not finite on any rank. Rank r takes its block of the global batch (machinery/parallel.py)."""
     cfg, ranks, t0 = run.cfg, run.ranks, time.time()
     thinking = step >= cfg.plain_steps                  # the first plain_steps: next-token training only
     batch_size = cfg.batch_size if thinking else cfg.plain_batch_size or cfg.batch_size
@@ -405,13 +245,39 @@ def train_step(run: Run, step: int) -> dict:
         return {"step": step + 1, "nonfinite": {"grad_norm": float(grad_norm)}}
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    drift = run.qs.markers.drift()                  # under FSDP gathers the two marker rows, not the whole root
+    drift = parallel.marker_drift(run.qs)            # under FSDP gathers the two marker rows, not the whole root
     parts = {k: parallel.mean(v, ranks) for k, v in parts.items()}                 # the mean over ranks
     return {"step": step + 1, "phase": "think" if thinking else "plain", **{k: round(v, 6) for k, v in parts.items()},
             **split, "grad_norm": round(grad_norm.item(), 4), "lr": run.optimizer.param_groups[0]["lr"],
             "marker_drift_start": round(drift[0], 6), "marker_drift_end": round(drift[1], 6),
             "tokens_per_s": round(batch_size * ranks.world * cfg.grad_accum * cfg.seq_len / (time.time() - t0), 1)}
 
+
+@torch.no_grad()
+def evaluate(run: "Run") -> dict:
+    """Held-out NLL of the next token with no thought, the sampled thought and the two controls (eval.py says
+    why), on consecutive windows (all tokens and the hardest 10%) and on windows aligned on the bare answers."""
+    qs = run.qs
+    qs.eval()
+    torch.manual_seed(run.cfg.seed)
+    row = {}
+    with run.autocast(), parallel.gathered(qs, run.ranks):
+        for name, (windows, focus) in run.val.items():
+            scores = score_thoughts(qs, torch.from_numpy(windows).to(run.device), run.filler_id, batch_size=4)
+            crash_point("eval")                     # tests/test_crash.py: a SIGKILL during evaluation
+            result = compare_thoughts(scores, torch.from_numpy(focus[:, 1:]) if name == "answer" else None)
+            for prefix, subset in ({"eval_answer_": "focus"} if name == "answer" else
+                                   {"eval_": "all", "eval_hard_": "hard"}).items():
+                if subset in result:
+                    row |= {f"{prefix}nll_{p}": round(result[subset]["nll"][p], 6) for p in PREDICTORS}
+                    row[f"{prefix}diff"] = {k: [round(x, 6) for x in v] for k, v in result[subset]["diff"].items()}
+            if name == "text":
+                row["eval_mix_weight"] = round(result["mix_weight"], 6)
+    qs.train()
+    return row
+
+
+# ---- 6. the loop -------------------------------------------------------------------------------------------
 
 def run_loop(run: Run, start_step: int, stop: StopRequest) -> int:
     from tqdm import tqdm
@@ -448,153 +314,39 @@ def run_loop(run: Run, start_step: int, stop: StopRequest) -> int:
     return 0
 
 
-def say(run: Run, text: str):
-    if run.ranks.main:
-        print(text, flush=True)
-
-
-def stop_on_nan(row: dict, run: Run) -> int:
-    values = ", ".join(f"{k}={v:.4g}" for k, v in row["nonfinite"].items())
-    last_good, out_dir = checkpoint_step(run.out_dir), run.out_dir
-    where = (f"the last good checkpoint (step {last_good}) is in {out_dir}; continue it with lower learning rates: "
-             f"python train.py --out_dir {out_dir} --resume --lr <smaller> --lr_mixing_head <smaller>"
-             if last_good else "no checkpoint was written; start again with a lower --lr or --lr_mixing_head")
-    return fail(f"non-finite value at step {row['step']} ({values}). Stopped without saving; {where}", code=1)
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON line per step, written by rank 0. On resume, only the rows up to the checkpoint's
-    step are kept."""
-
-    def __init__(self, path: Path, start_step: int, write: bool = True):
-        self.path, self.write = path, write
-        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() and start_step else []
-        self.rows = [r for r in rows if r["step"] <= start_step]
-        if write:
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-
-    def __call__(self, row: dict):
-        self.rows.append(row)
-        if self.write:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-
-# ---- 7. the end ----------------------------------------------------------------------------------------------
-
-def finish(run: Run, seconds: float, steps: int):
-    cfg, rows = run.cfg, run.log.rows
-    torch.manual_seed(cfg.seed)
-    with parallel.gathered(run.qs, run.ranks):
-        records = thought_records(run.qs, run.tokenizer, torch.from_numpy(run.val["text"][0][0]).to(run.device),
-                                  run.filler_id)
-    if not run.ranks.main:
-        return
-    page = write_thoughts_page(run.out_dir / "thoughts.html", records, rows, title=f"Quiet-STaR thoughts: {cfg.model}")
-    evals = [r for r in rows if "eval_nll_none" in r]
-    plain = sum(r.get("phase") == "plain" for r in rows[-steps:]) if steps else 0
-    print(f"\n{steps} steps ({plain} plain, {steps - plain} thinking) in {seconds / 60:.1f} min"
-          f"{f' on {run.ranks.world} ranks ({cfg.parallel})' if run.ranks.world > 1 else ''}")
-    print(f"  first eval:\n    {format_eval(evals[0])}")
-    print(f"  last eval:\n    {format_eval(evals[-1])}")
-    if "reward_mean" in rows[-1]:
-        print(f"  last step:  loss {rows[-1]['loss']:.4f}, reward {rows[-1]['reward_mean']:+.4f}, "
-              f"mixing weight {rows[-1]['mix_weight_mean']:+.4f}")
-    print(f"  checkpoint: {run.out_dir}  (load_pretrained('{run.out_dir}') or QuietStar.from_pretrained)")
-    print(f"  thoughts:   {page}")
-
-
-def format_eval(row: dict) -> str:
-    """One line per token set: NLL none / sampled / filler / shuffled, then sampled minus each, with 95% CIs."""
-    lines = []
-    for prefix, label in (("eval_", "all tokens"), ("eval_hard_", "hardest 10%"), ("eval_answer_", "bare answers")):
-        if f"{prefix}nll_none" in row:
-            nlls = " / ".join(f"{row[f'{prefix}nll_{p}']:.4f}" for p in PREDICTORS)
-            diffs = ", ".join(f"{k.split('-')[1]} {m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-                              for k, (m, lo, hi) in row[f"{prefix}diff"].items())
-            lines.append(f"{label:>12}: NLL none / sampled / filler / shuffled {nlls}; sampled minus: {diffs}")
-    return "\n    ".join(lines)
-
-
-# ---- the table of contents -----------------------------------------------------------------------------------
+# ---- 7. main ------------------------------------------------------------------------------------------------
 
 def main(argv: list[str]) -> int:
-    try:
-        cfg, qcfg, changed = parse_args(argv)
-        ranks, device = parallel.setup(cfg.parallel, cfg.device, cfg.dist_timeout)
-        try:
-            with StopRequest() as stop:
-                return train(cfg, qcfg, changed, ranks, device, stop)
-        finally:
-            parallel.teardown()
-    except (UsageError, ValueError, OSError) as e:
-        return fail(e)
-    except KeyboardInterrupt as e:
-        print("\ninterrupted; no checkpoint was written by this run", file=sys.stderr)
-        return 128 + getattr(e, "signum", signal.SIGINT)
+    """Settings, then train() inside torchrun's process group and the Ctrl-C / SIGTERM handler; a mistake the user
+    made ends in one "error:" line (machinery/run.py: launch)."""
+    return launch(argv, parse_args, train)
 
 
 def train(cfg: TrainConfig, qcfg: QuietStarConfig, changed: list[str], ranks: parallel.Ranks, device,
           stop: StopRequest) -> int:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    gpu.matmul_tf32(device)
-    if device.type == "cpu":
-        fix_glibc_mmap_threshold()
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    run = Run(cfg, qcfg, ranks, device, autocast_for(device, use_bf16), Path(cfg.out_dir))
-    prepare_out_dir(run.out_dir, cfg.model, cfg.resume)
-    documents = read_documents(cfg)
-    with RunLock(run.out_dir) if ranks.main else contextlib.nullcontext():
-        parallel.barrier(ranks)                                  # rank 0 holds the lock before anyone writes
-        checkpoint = verify_checkpoint(run.out_dir) if cfg.resume else None
-        run.qs, run.tokenizer = build_model(cfg, qcfg, device, use_bf16, checkpoint)
+    run = start_run(cfg, qcfg, ranks, device)              # threads, allocator, autocast; the run folder checked
+    documents = read_documents(cfg)                        # bad data fails before anything is written
+    with lock_run_folder(run) as checkpoint:               # the lock; on --resume the verified checkpoint
+        run.qs, run.tokenizer = build_model(cfg, qcfg, device, run.use_bf16, checkpoint)
         run.train_data, run.val = load_data(cfg, documents, run.tokenizer, (run.qs.model.config.eos_ids or [None])[0])
         run.filler_id = filler_token_id(run.tokenizer)
-        run.step_module = parallel.wrap(run.qs, ranks, device, use_bf16)
+        run.step_module = parallel.wrap(run.qs, ranks, device, run.use_bf16)
         run.optimizer = torch.optim.AdamW(param_groups(run.qs, cfg), betas=(0.9, 0.999), eps=1e-8,
                                           fused=gpu.fused_adamw(device, ranks.mode))
-        start_step = resume_optimizer(run.qs, run.optimizer, checkpoint, cfg) if checkpoint else 0
+        start_step = resume_optimizer(run.qs, run.optimizer, checkpoint, partial(group_settings, cfg=cfg)) \
+            if checkpoint else 0
         run.log = MetricsLog(run.out_dir / "metrics.jsonl", start_step, write=ranks.main)
-        stop.check()                                      # a Ctrl-C while loading whose exception was lost
-        say(run, f"model {cfg.model}: {run.qs.model.n_params / 1e6:.1f}M parameters on {device}"
-                 f"{' (bf16 autocast)' if use_bf16 else ''}{f', {ranks.world} ranks ({cfg.parallel})' if ranks.world > 1 else ''}; "
-                 f"data {cfg.data}: {len(run.train_data.tokens):,} tokens; thoughts: {qcfg.n_thoughts} x "
-                 f"{qcfg.thought_len} tokens, scored on {qcfg.n_true} true tokens"
-                 + (f"\nresuming at step {start_step} with changed settings: {', '.join(changed)}" if changed else ""))
+        stop.check()                                       # a Ctrl-C while loading whose exception was lost
+        say(run, describe(run, start_step, changed))
         started = time.time()
         try:
             code = run_loop(run, start_step, stop)
-            stop.training = False                         # saved: a Ctrl-C in the summary below just stops
+            stop.training = False                          # saved: a Ctrl-C in the summary below just stops
             if code == 0 and run.log.rows[-1]["step"] == cfg.max_steps:
                 finish(run, time.time() - started, cfg.max_steps - start_step)
             return code
-        except KeyboardInterrupt as e:                    # before the first step, a second Ctrl-C, or the end
-            last = checkpoint_step(run.out_dir)
-            say(run, "\ninterrupted without saving" + (f"; the last checkpoint is step {last} in {run.out_dir}"
-                                                       if last is not None else "; no checkpoint was written"))
-            return 128 + getattr(e, "signum", signal.SIGINT)
-
-
-def fix_glibc_mmap_threshold():
-    """On the CPU, glibc's malloc raises its mmap threshold (up to 32 MiB) each time a large block is freed; after
-    that a step's many large, short-lived tensors come from the heap and fragment it. A fixed 1 MiB threshold (what
-    MALLOC_MMAP_THRESHOLD_=1048576 sets) keeps them in mmap, returned to the system when freed: 4.4 against 7.3 GiB
-    peak RSS at the same speed (results/allocator.json). Harmless under jemalloc or tcmalloc (LD_PRELOAD); skipped
-    off glibc and when the user set the variable."""
-    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_MMAP_THRESHOLD = -3                                        # from glibc's malloc.h
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-
-
-def autocast_for(device, use_bf16: bool):
-    """bf16 matmuls on GPU (fp32 master weights and optimizer); the same wrapper, disabled, on the CPU."""
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        except KeyboardInterrupt as e:                     # before the first step, a second Ctrl-C, or the end
+            return interrupted(run, e)
 
 
 if __name__ == "__main__":

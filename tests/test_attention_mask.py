@@ -49,37 +49,37 @@ def test_causal_mask_with_cache_is_the_bottom_rows():
 
 def test_thought_mask_drawings_in_the_docstring():
     no_window, with_window = docstring_drawings(thought_mask)
-    assert torch.equal(thought_mask(3, step=2), no_window)
-    assert torch.equal(thought_mask(4, step=2, window=3), with_window)
+    assert torch.equal(thought_mask(3, offset=2), no_window)
+    assert torch.equal(thought_mask(4, offset=2, window=3), with_window)
 
 
-def test_thought_mask_T3_step1():
-    assert torch.equal(thought_mask(3, step=1), parse_mask("""
+def test_thought_mask_T3_offset1():
+    assert torch.equal(thought_mask(3, offset=1), parse_mask("""
         1..  1..
         11.  .1.
         111  ..1"""))
 
 
 def test_thought_mask_window_drops_old_thought_tokens():
-    # T=2, step=3, W=2: query at position i+3 sees positions > i+1: only its step-2 and step-3 tokens
-    assert torch.equal(thought_mask(2, step=3, window=2), parse_mask("""
+    # T=2, offset=3, W=2: query at position i+3 sees positions > i+1: only its pass-2 and pass-3 tokens
+    assert torch.equal(thought_mask(2, offset=3, window=2), parse_mask("""
         ..  ..  1.  1.
         ..  ..  .1  .1"""))
 
 
-@pytest.mark.parametrize("T,step", [(1, 1), (5, 1), (5, 4), (7, 3)])
-def test_thought_mask_properties(T, step):
-    mask = thought_mask(T, step)
-    assert mask.shape == (T, T * (step + 1))
+@pytest.mark.parametrize("T,offset", [(1, 1), (5, 1), (5, 4), (7, 3)])
+def test_thought_mask_properties(T, offset):
+    mask = thought_mask(T, offset)
+    assert mask.shape == (T, T * (offset + 1))
     assert torch.equal(mask[:, :T], causal_mask(T))                        # real block: causal
-    for s in range(1, step + 1):                                            # each thought block: identity
+    for s in range(1, offset + 1):                                          # each thought block: identity
         assert torch.equal(mask[:, s * T:(s + 1) * T], torch.eye(T, dtype=torch.bool))
-    assert torch.equal(thought_mask(T, step, window=T + step), mask)       # a window that never bites
-    assert mask.any(dim=1).all() and thought_mask(T, step, window=1).any(dim=1).all()  # no empty row
+    assert torch.equal(thought_mask(T, offset, window=T + offset), mask)       # a window that never bites
+    assert mask.any(dim=1).all() and thought_mask(T, offset, window=1).any(dim=1).all()  # no empty row
 
 
 def test_thought_positions():
-    assert thought_positions(4, step=3).tolist() == [3, 4, 5, 6]
+    assert thought_positions(4, offset=3).tolist() == [3, 4, 5, 6]
 
 
 def test_module_imports_only_torch():

@@ -13,14 +13,14 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT, tiny_model
 
-import checkpoint
 import eval as qeval
 import generate
-import gguf_import
 import train
-from conftest import ROOT, tiny_model
-from model import load_pretrained, save_pretrained
+from machinery import checkpoint, gguf_import
+from machinery import run as machinery_run
+from machinery.hf_io import load_pretrained, save_pretrained, save_quietstar
 from qstar import QuietStar, QuietStarConfig
 
 
@@ -59,9 +59,9 @@ def world(tmp_path_factory):
     data = (w / "truncated" / "model.safetensors").read_bytes()
     (w / "truncated" / "model.safetensors").write_bytes(data[:1000])
     qs = QuietStar(model, QuietStarConfig(thought_len=2), tokenizer)
-    qs.save_pretrained(w / "no_parts", tokenizer)
+    save_quietstar(qs, w / "no_parts", tokenizer)
     (w / "no_parts" / "quietstar.safetensors").unlink()
-    qs.save_pretrained(w / "wrong_parts", tokenizer)
+    save_quietstar(qs, w / "wrong_parts", tokenizer)
     (w / "wrong_parts" / "quietstar.json").write_text(json.dumps({"thought_len": 2, "mixing_hidden": 7}))
     (w / "empty.jsonl").write_text("")
     (w / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
@@ -244,7 +244,7 @@ def test_a_second_run_on_a_live_folder_is_refused_and_sigterm_saves(world, tmp_p
         first.kill()
     assert first.returncode == 0, output
     assert "SIGTERM: saving a checkpoint" in output and "Traceback" not in output
-    step = train.checkpoint_step(out_dir)
+    step = checkpoint.checkpoint_step(out_dir)
     assert step >= 2 and metrics_rows(out_dir)[-1]["step"] == step
     assert not list(out_dir.glob(".tmp-*")) and not (out_dir / ".lock").exists()
     assert sorted(f.name for f in out_dir.iterdir()) == [f"checkpoint-{step:06d}", "latest", "metrics.jsonl"]
@@ -254,10 +254,10 @@ def test_a_second_run_on_a_live_folder_is_refused_and_sigterm_saves(world, tmp_p
 def test_a_killed_run_leaves_no_stale_lock(world, tmp_path):
     out_dir = tmp_path / "killed"
     first = start_run(world, out_dir, "--save_interval=1")
-    wait_for(lambda: train.checkpoint_step(out_dir) is not None)
+    wait_for(lambda: checkpoint.checkpoint_step(out_dir) is not None)
     first.kill()
     first.wait()
-    assert train.main([f"--out_dir={out_dir}", "--resume", f"--max_steps={train.checkpoint_step(out_dir) + 1}"]) == 0
+    assert train.main([f"--out_dir={out_dir}", "--resume", f"--max_steps={checkpoint.checkpoint_step(out_dir) + 1}"]) == 0
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -278,8 +278,8 @@ def test_a_stop_request_outlives_a_lost_keyboard_interrupt(capsys):
     step. While training: the first Ctrl-C or SIGTERM only asks to stop after the step, and decides the exit code;
     a second Ctrl-C quits at once, a second SIGTERM does not."""
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    single = train.parallel.Ranks()
-    with train.StopRequest() as stop:
+    single = machinery_run.parallel.Ranks()
+    with machinery_run.StopRequest() as stop:
         assert signal.getsignal(signal.SIGINT) == stop.handle
         with pytest.raises(KeyboardInterrupt):
             stop.handle(signal.SIGTERM, None)
@@ -290,7 +290,7 @@ def test_a_stop_request_outlives_a_lost_keyboard_interrupt(capsys):
         with pytest.raises(KeyboardInterrupt):
             stop.start_training(single)
     for first, second, name in ((signal.SIGINT, signal.SIGTERM, "Ctrl-C"), (signal.SIGTERM, signal.SIGTERM, "SIGTERM")):
-        with train.StopRequest() as stop:               # while training: the first signal, then another
+        with machinery_run.StopRequest() as stop:               # while training: the first signal, then another
             stop.check()
             stop.start_training(single)
             stop.handle(first, None)

@@ -3,7 +3,7 @@ table runs them (a crash there reports an "error" row instead of numbers, so che
 
 import pytest
 
-import bench
+from machinery import bench
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -6,9 +6,10 @@ garbage silently.)"""
 
 import pytest
 import torch
+from conftest import tiny_model, word_tokenizer
 from torch.overrides import TorchFunctionMode
 
-from conftest import tiny_model, word_tokenizer
+import fast as fast_twins
 from generate import generate_with_thoughts
 from qstar import QuietStar, QuietStarConfig
 
@@ -35,8 +36,8 @@ def test_the_mode_catches_a_factory_call_without_a_device():
 def test_a_training_step_and_thinking_generation_name_their_devices(fast, checkpointing):
     tokenizer = word_tokenizer(36)
     model = tiny_model(37, window=4, eos_token_id=3)
-    qs = QuietStar(model, QuietStarConfig(thought_len=3, n_true=3, fast_attention=fast,
-                                          activation_checkpointing=checkpointing), tokenizer)
+    qs = QuietStar(model, QuietStarConfig(thought_len=3, n_true=3, activation_checkpointing=checkpointing), tokenizer)
+    fast_twins.use(qs, fast)
     torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.1)
     tokens = torch.randint(0, 37, (2, 9))
     with ExplicitDevicesOnly():
@@ -44,4 +45,4 @@ def test_a_training_step_and_thinking_generation_name_their_devices(fast, checkp
         out["loss"].backward()
         qs.token_scores(tokens)
         generate_with_thoughts(qs, tokenizer, "w4 w5 w6", max_new_tokens=3, temperature=1.0, seed=0)
-    assert torch.isfinite(out["loss"]) and qs.markers.scaled.grad is not None
+    assert torch.isfinite(out["loss"]) and qs.markers.stored.grad is not None

@@ -4,11 +4,13 @@ the dense-mask reference in bf16. What cannot run here at all is listed in gpu.p
 
 import pytest
 import torch
-
-import train
 from conftest import tiny_model, word_tokenizer
+
+import fast as fast_twins
+import train
 from data import TokenWindows
-from model import save_pretrained
+from machinery import run as machinery_run
+from machinery.hf_io import save_pretrained
 from qstar import QuietStar, QuietStarConfig
 
 
@@ -26,7 +28,7 @@ def one_step(tiny_dir, tmp_path, bf16: bool, **overrides) -> dict:
                                      *[(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k}={v}"
                                        for k, v in overrides.items()]])
     device = torch.device("cpu")
-    run = train.Run(cfg, qcfg, train.parallel.Ranks(), device, train.autocast_for(device, bf16), tmp_path)
+    run = machinery_run.Run(cfg, qcfg, machinery_run.parallel.Ranks(), device, machinery_run.autocast_for(device, bf16), tmp_path, bf16)
     run.qs, run.tokenizer = train.build_model(cfg, qcfg, device, bf16, None)
     torch.nn.init.normal_(run.qs.mixing_head.net[-1].weight, std=0.1)       # as after some training
     texts = [" ".join(f"w{(7 * i + j) % 30 + 4}" for j in range(40)) for i in range(6)]
@@ -46,7 +48,7 @@ def test_a_bf16_autocast_step_is_finite_and_close_to_fp32(tiny_dir, tmp_path, ch
     for key in ("loss", "nll_base", "nll_talk"):
         assert bf16[key] == pytest.approx(fp32[key], rel=0.02), key
     assert bf16["loss"] != fp32["loss"]                                    # autocast really was on
-    assert run.qs.markers.scaled.dtype == torch.float32                    # fp32 masters
+    assert run.qs.markers.stored.dtype == torch.float32                    # fp32 masters
 
 
 def test_lora_on_a_bf16_frozen_base(tiny_dir, tmp_path):
@@ -67,8 +69,8 @@ def test_fast_thought_attention_in_bf16_matches_the_dense_reference_in_bf16():
     logits = {}
     for name, dtype, fast in (("ref", torch.float64, False), ("dense", torch.bfloat16, False),
                               ("fast", torch.bfloat16, True)):
-        qs = QuietStar(tiny_model(37, window=4), QuietStarConfig(thought_len=3, fast_attention=fast),
-                       word_tokenizer(36)).to(dtype)
+        qs = fast_twins.use(QuietStar(tiny_model(37, window=4), QuietStarConfig(thought_len=3), word_tokenizer(36)),
+                            fast).to(dtype)
         with torch.no_grad():
             logits[name] = qs.thought_logits(tokens, thoughts).double()
     dense_error = (logits["dense"] - logits["ref"]).abs().max().item()
@@ -85,8 +87,8 @@ def test_the_gpu_layout_of_the_summary_channel_gives_the_same_attention_on_the_c
     import torch.nn.functional as F
 
     from attention_mask import thought_mask
+    from fast import padded_dim, thought_attention, with_summary_slot
     from model import attend
-    from thought_cache import padded_dim, thought_attention, with_summary_slot
     assert padded_dim(64, torch.device("cpu")) == 66 and padded_dim(64, torch.device("cuda")) == 72
     M, H, K, T, E, step = 2, 6, 2, 7, 64, 3
     q = torch.randn(M, H, T, E, dtype=torch.float64, requires_grad=True)

@@ -9,17 +9,24 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, tiny_model, word_tokenizer
-from model import load_pretrained, save_pretrained
+
+from machinery.hf_io import load_pretrained, save_pretrained
 
 KEYS = ("loss", "nll_base", "nll_talk", "reinforce", "reward_mean", "grad_norm")
 # fp32 throughout. What differs between 1 and 2 processes is only the order of floating-point sums: a global mean
 # over 4 windows against the mean of two means over 2 (equal token counts: the data has no EOS, so every rank
-# scores the same number of tokens), and gloo's all-reduce of the gradients. fp32 rounds at 6e-8 relative; after
-# three AdamW steps at lr 1e-3 the losses agree to ~1e-6, so 1e-5 (relative) leaves room without hiding a bug:
-# a wrong data split or unreduced gradient changes them by 1e-2 and more.
-TOLERANCE = 1e-5
+# scores the same number of tokens), gloo's all-reduce of the gradients, matmuls over other batch shapes; and what
+# Adam and the sampler make of that (see the marker drift below). Each key's bound (relative, absolute) comes from
+# that, and lies well inside what half the batch per rank does (losses 1.1e-3 relative, grad_norm 3e-3 and more):
+#   losses (~3.6): a reordered fp32 mean of n <= 176 terms is off by at most n * 6e-8 = 1e-5 relative; thoughts and
+#     markers (a sample may flip, Adam may move a marker coordinate either way) enter only through the mixing
+#     weight, < 1e-3 in these steps (measured: even a marker coordinate flipped by hand moves them < 2e-6);
+#   reinforce, reward_mean (~1e-6, printed to 6 decimals): differences of two NLLs, each off by ~1e-6;
+#   grad_norm (~0.15, printed to 4 decimals): its last digit may flip (1e-4), and it is first-order in the weights,
+#     of which Adam may move a rare one either way by up to 2 * sum(lr) = 2.4e-3 (such a weight moves it <= 1.6e-4).
+TOLERANCE = {"loss": (1e-4, 0), "nll_base": (1e-4, 0), "nll_talk": (1e-4, 0), "reinforce": (0, 1e-5),
+             "reward_mean": (0, 1e-5), "grad_norm": (0, 5e-4)}
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +55,30 @@ def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"phase"' in line]
 
 
-def assert_same_losses(a, b, tolerance=TOLERANCE):
+def assert_same_losses(a, b):
     assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 2
     for x, y in zip(a, b):
         for key in KEYS:
-            assert x[key] == pytest.approx(y[key], rel=tolerance, abs=tolerance), (x["step"], key, x[key], y[key])
-        # How far the markers moved (under FSDP gathered from their shards). Adam moves a coordinate with a
-        # near-zero gradient by about lr whatever the gradient's last bits, so the two runs' markers part at ~1e-3
-        # relative by step 3 (measured 6e-4); a marker read from one shard only, or never updated, is off by far more.
+            rel, abs_ = TOLERANCE[key]
+            assert x[key] == pytest.approx(y[key], rel=rel, abs=abs_), (x["step"], key, x[key], y[key])
+        # How far the markers moved (under FSDP gathered from their shards). Chaotic in a few coordinates: Adam's
+        # first step is lr * g / (|g| + eps) whatever |g|, and the markers' first gradient comes from rewards that
+        # are differences of nearly equal NLLs (its small coordinates differ by 1e-2 and more between the runs), so
+        # a coordinate near 0 steps anywhere in [-lr, lr] * grad_scale. One such coordinate of 24 moves the drift by
+        # at most ~3% (its whole move against all 24); 10% allows a few. Markers never updated have drift 0 (vs 0.3
+        # to 0.7); markers trained on one rank's half of the batch are off by 14% and 26% at step 3.
         for key in ("marker_drift_start", "marker_drift_end"):
-            assert x[key] == pytest.approx(y[key], rel=2e-3), (x["step"], key, x[key], y[key])
+            assert x[key] == pytest.approx(y[key], rel=0.1), (x["step"], key, x[key], y[key])
+
+
+def saved_drift(out) -> list[float]:
+    """||marker - initial|| / ||initial|| of the markers in the run's latest checkpoint, start and end."""
+    from safetensors.torch import load_file
+    folder = out / (out / "latest").read_text().strip()
+    parts = load_file(folder / "quietstar.safetensors")
+    scale = json.loads((folder / "quietstar.json").read_text())["marker_grad_scale"]
+    initial = parts["markers.initial"]
+    return [((m - initial).norm() / initial.norm()).item() for m in parts["markers.stored"] * scale]
 
 
 def logits(out):
@@ -78,7 +99,14 @@ def test_two_processes_equal_one_with_the_doubled_batch(world, single, mode):
     printed = train(world, out, 2, "--batch_size=2", f"--parallel={mode}").stdout
     assert printed.count("before training:") == 1                             # only rank 0 prints
     assert_same_losses(rows(out), rows(single))
-    assert (logits(out) - logits(single)).abs().max().item() <= 1e-4          # the checkpoint, in one process
+    # the drift printed last is that of the markers saved, to its 6 decimals and a 24-term fp32 norm (< 2e-6): it
+    # reads the whole of both rows (the other marker's drift is off by 7e-3 and more, never-updated ones by 0.7)
+    last = rows(out)[-1]
+    assert [last["marker_drift_start"], last["marker_drift_end"]] == pytest.approx(saved_drift(out), abs=5e-6)
+    # the checkpoint, in one process (logits ~0.13): reordered sums leave ~1e-8. A weight that Adam moved the other
+    # way (<= 2.4e-3; rare: every weight these logits use had an exact NLL gradient in step 1) moves them by at most
+    # 0.8 x that; 1e-3 allows a mild one, and catches a checkpoint of the untrained weights (off by 5e-3).
+    assert (logits(out) - logits(single)).abs().max().item() <= 1e-3
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-000003", "latest", "metrics.jsonl", "thoughts.html"]
 
 
@@ -87,6 +115,7 @@ def test_resume_under_torchrun_equals_the_uninterrupted_run(world, single):
     train(world, whole, 2, "--batch_size=2", "--parallel=ddp", "--max_steps=4", "--save_interval=2")
     train(world, part, 2, "--batch_size=2", "--parallel=ddp", "--max_steps=2", "--save_interval=2")
     train(world, part, 2, f"--out_dir={part}", "--resume", "--max_steps=4")
+    # the same processes, batch shapes and order of sums: exactly equal, bit for bit
     assert [{k: r[k] for k in KEYS} for r in rows(part)] == [{k: r[k] for k in KEYS} for r in rows(whole)]
     # and a checkpoint of 2 ranks continues in 1 process with the doubled batch
     alone = world / "ddp-then-one"

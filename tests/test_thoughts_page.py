@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-import thoughts_page as tp
+from machinery import thoughts_page as tp
 
 NASTY = "<script>alert(1)</script>"
 WORDS = ("Quiet thoughts help a small model guess what comes next : when the text says that two plus "

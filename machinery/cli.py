@@ -125,13 +125,6 @@ def resolve_device(name: str):
     return device
 
 
-def load_model(args):
-    """(QuietStar, tokenizer) for args.model on args.device, with --thought_len applied when given."""
-    from qstar import QuietStar
-    overrides = {} if args.thought_len is None else {"thought_len": args.thought_len}
-    return QuietStar.from_pretrained(args.model, device=resolve_device(args.device), **overrides)
-
-
 def check_writable(path: str | Path, flag: str):
     """Fail now, not after an hour of work, if `path` cannot be written: its folder must exist."""
     path = Path(path)

@@ -1,11 +1,11 @@
-"""token_logprob.py against its definition, log_softmax(lm_head(h) / temperature)[target] with banned ids at -inf:
+"""fast.token_logprob against its definition, log_softmax(lm_head(h) / temperature)[target] with banned ids at -inf:
 values and gradients (gradcheck in fp64, all three inputs), the sampled tokens, a frozen head, and bf16 autocast."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from token_logprob import TokenLogProb, token_logprob
+from fast import TokenLogProb, token_logprob
 
 D, V = 6, 11
 

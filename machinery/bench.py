@@ -1,7 +1,7 @@
 """Benchmark: what thinking costs, in time and memory, against a plain language-model step.
 
-    python bench.py            # the full grid (tiny and SmolLM2-135M dimensions, n up to 1024): ~40 min on 2 cores
-    python bench.py --quick    # a small grid, under 2 minutes on 2 CPU cores
+    python -m machinery.bench            # the full grid (tiny and SmolLM2-135M dimensions, n up to 1024): ~40 min on 2 cores
+    python -m machinery.bench --quick    # a small grid, under 2 minutes on 2 CPU cores
 
 A Quiet-STaR step with n_ahead k (k - 3 thought tokens between the markers), n_ahead_talk t and P thoughts per
 position runs 1 + P * (k + t - 2) decoder passes of n tokens (one base pass shared by the P thoughts; the
@@ -27,10 +27,11 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-import gpu
+from machinery import gpu
 
 SIZES = {
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=160),
@@ -186,9 +187,10 @@ def where_time_goes(size: str, n: int, k: int, t: int, P: int, checkpointing: bo
 def attention_memory(n: int, step: int, P: int = 2) -> dict:
     """Bytes one thought pass's attention keeps for backward (one layer, SmolLM2 head sizes), fast vs dense,
     counted exactly with saved-tensor hooks (each storage once; the cache tensors it reads are not counted)."""
+    from thought_cache import thought_attention, with_summary_slot
+
     from attention_mask import thought_mask
     from model import attend
-    from thought_cache import thought_attention, with_summary_slot
     H, K, E = 9, 3, 64
     q = torch.randn(P, H, n, E, requires_grad=True)
     new_k, new_v = torch.randn(P, K, n, E, requires_grad=True), torch.randn(P, K, n, E, requires_grad=True)
@@ -252,8 +254,8 @@ def find_jemalloc() -> str | None:
 def run_child(kind: str, allocator: str | None = None, **kwargs) -> dict:
     """Run one measurement in a fresh process (its own peak memory) and read back its JSON line."""
     env = os.environ | ({"LD_PRELOAD": allocator} if allocator else {})
-    proc = subprocess.run([sys.executable, __file__, f"--child={json.dumps({'kind': kind, **kwargs})}"],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "machinery.bench", f"--child={json.dumps({'kind': kind, **kwargs})}"],
+                          capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
         return {"kind": kind, **kwargs, "error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:200]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -15,13 +15,19 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
-from cli import UsageError, resolve_device
+from machinery.cli import UsageError, resolve_device
+from qstar import sample_from_logits
 
 MODES = ("none", "ddp", "fsdp")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -66,11 +72,12 @@ def teardown():
 
 
 def wrap(qs, ranks: Ranks, device, use_bf16: bool):
-    """-> the module to call for training steps (qs itself, DDP(qs), or qs after fully_shard)."""
-    qs.sample_rows = (ranks.rank, ranks.world)                     # thoughts as in the global batch
+    """-> the module to call for training steps (qs itself, DDP(qs), or qs after fully_shard). Call fast.use
+    before, with sparse_embeddings=False where ranks.mode != "none": reduced gradients must be dense."""
+    if ranks.world > 1:
+        qs.sample = partial(sample_block, rank=ranks.rank, world=ranks.world)   # thoughts as in the global batch
     if ranks.mode == "none":
         return qs
-    qs.sparse_embedding_grads = False                              # reduced gradients must be dense
     if ranks.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         # find_unused_parameters: plain steps never touch the markers or the mixing head
@@ -86,6 +93,20 @@ def wrap(qs, ranks: Ranks, device, use_bf16: bool):
         qs(torch.zeros(1, 2, dtype=torch.long, device=device), think=False)    # forward, before evaluation;
     qs.reshard()                                                   # without a backward the root stays gathered
     return qs
+
+
+def sample_block(logits, rank: int, world: int):
+    """qstar.sample_from_logits for this rank's rows (R, .., V) of the global batch: the uniform numbers are drawn
+    for all world * R rows, as one process would, and rows rank*R .. rank*R+R-1 are used."""
+    R = logits.shape[0]
+    u = torch.rand(world * R, *logits.shape[1:-1], 1, device=logits.device)[rank * R:(rank + 1) * R]
+    return sample_from_logits(logits, u=u)
+
+
+def marker_drift(qs) -> tuple[float, float]:
+    """qs.markers.drift(), with the two marker rows gathered under FSDP (not the whole root)."""
+    stored = qs.markers.stored
+    return qs.markers.drift(stored.full_tensor() if hasattr(stored, "full_tensor") else None)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ replaced (os.replace: atomic), then older checkpoints go. A crash at any point l
 checkpoint (tests/test_crash.py kills runs with SIGKILL in each of these phases). A write that fails (disk full,
 read-only folder) raises CheckpointWriteError and leaves `latest` where it was. Loading or resuming a checkpoint
 checks every file against the manifest's size and SHA-256, so a file altered after it was written is refused by
-name. load_pretrained("out_dir") and QuietStar.from_pretrained("out_dir") follow `latest`.
+name. load_pretrained("out_dir") and load_quietstar("out_dir") follow `latest`.
 """
 
 import hashlib
@@ -24,7 +24,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from cli import UsageError
+from machinery.cli import UsageError
 
 LATEST, MANIFEST, LOCK = "latest", "manifest.json", ".lock"
 FULL_DISK = 1 << 20        # bytes free under which a failed write is put down to a full disk
