@@ -6,8 +6,8 @@ tests prove the two agree.
 
 Position convention for thoughts (one thought stream per real position i, all streams in parallel):
     real token x_i                    position i
-    thought pass at offset 1, 2, ...  position i + offset (<start> is offset 1, c_j offset 1 + j,
-                                                           <end> offset L + 2, then the teacher-forced true tokens)
+    thought pass at offset 1, 2, ...  position i + offset (<start> is offset 1, c_j offset 1 + j, <end>
+                                                           offset L + 2, then the teacher-forced true tokens)
 So every stream reads exactly like the text "x_0 ... x_i <start> c_1 ... c_L <end> x_{i+1} ..." with
 consecutive positions, and the sliding window (counted in positions, as in Hugging Face's Mistral: a query
 at position p sees keys at positions p - W < q <= p) applies to real and thought keys alike.
@@ -70,5 +70,5 @@ def thought_mask(T: int, offset: int, window: int | None = None, device=None) ->
 
 
 def thought_positions(T: int, offset: int, device=None) -> Tensor:
-    """Position ids of the T stream tokens of the thought pass at `offset`: (T,) = [offset, 1 + offset, ...]."""
+    """Position ids of the T streams' tokens in the thought pass at `offset`: (T,) = [offset, 1 + offset, ...]."""
     return torch.arange(T, device=device) + offset

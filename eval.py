@@ -221,7 +221,7 @@ def filler_token_id(tokenizer) -> int:
 
 
 def donor_thoughts(thought_ids: torch.Tensor) -> torch.Tensor:
-    """(N, T, L) thoughts -> the thoughts of other texts, position by position: window n gets window n+1's."""
+    """(W, T, L) thoughts of W windows -> other texts' thoughts, position by position: window w gets w+1's."""
     if len(thought_ids) > 1:
         return thought_ids.roll(-1, dims=0)
     return thought_ids.roll(thought_ids.shape[1] // 2, dims=1)
@@ -229,8 +229,8 @@ def donor_thoughts(thought_ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def score_thoughts(qs: QuietStar, windows: torch.Tensor, filler_id: int, batch_size: int = 4) -> dict[str, torch.Tensor]:
-    """windows (N, T) -> per-token NLL of x_{i+1} (N, T-1) under each of PREDICTORS, and the mixing weight of
-    the sampled thought (N, T-1). Uses the global torch RNG for the sampled thoughts."""
+    """windows (W, T) -> per-token NLL of x_{i+1} (W, T-1) under each of PREDICTORS, and the mixing weight of
+    the sampled thought (W, T-1). Uses the global torch RNG for the sampled thoughts."""
     L = qs.config.thought_len
     batches = range(0, len(windows), batch_size)
     nll, weight, sampled_ids = {p: [] for p in PREDICTORS}, [], []
@@ -253,7 +253,7 @@ def score_thoughts(qs: QuietStar, windows: torch.Tensor, filler_id: int, batch_s
 
 def paired_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, n_boot: int = 2000,
                       seed: int = 0) -> tuple[float, float, float]:
-    """Mean of a - b over the tokens in mask, (N, T) each, and its 95% bootstrap interval: windows (rows) are
+    """Mean of a - b over the tokens in mask, (W, T) each, and its 95% bootstrap interval: windows (rows) are
     resampled with replacement and the token-weighted mean is recomputed. -> (mean, low, high)"""
     sums = ((a - b) * mask).sum(dim=1).double().numpy()
     counts = mask.sum(dim=1).double().numpy()
@@ -279,8 +279,8 @@ def hard_tokens(nlls: list[torch.Tensor], mask: torch.Tensor, fraction: float = 
 
 def compare_thoughts(nll: dict[str, torch.Tensor], focus: torch.Tensor | None = None, n_boot: int = 2000,
                      seed: int = 0) -> dict:
-    """Per-token NLLs of PREDICTORS (N, T-1) -> mean NLL of each and the paired CONTRASTS with intervals, on
-    all tokens, on the hardest 10% (chosen by the mean of the four), and on the focus tokens (N, T-1) if given."""
+    """Per-token NLLs of PREDICTORS (W, T-1) -> mean NLL of each and the paired CONTRASTS with intervals, on
+    all tokens, on the hardest 10% (chosen by the mean of the four), and on the focus tokens (W, T-1) if given."""
     everything = torch.ones_like(nll["none"], dtype=torch.bool)
     subsets = {"all": everything, "hard": hard_tokens([nll[p] for p in PREDICTORS], everything)}
     if focus is not None and focus.any():
@@ -297,22 +297,22 @@ def compare_thoughts(nll: dict[str, torch.Tensor], focus: torch.Tensor | None = 
 def answer_thoughts(tokenizer, windows: torch.Tensor, focus: torch.Tensor, scores: dict, shown: int = 12) -> dict:
     """Read the thoughts sampled just before each answer's first digit (windows aligned on the answers): how often
     the thought writes the answer itself (the whole number), against the thought of another problem at the same
-    place (the shuffled control), and a few examples. focus (N, T-1) marks target positions."""
+    place (the shuffled control), and a few examples. focus (W, T-1) marks target positions."""
     first = focus.int().argmax(dim=1)                                      # the position predicting digit 1
-    rows, examples = {"sampled": 0, "shuffled": 0}, []
+    hits, examples = {"sampled": 0, "shuffled": 0}, []
     for n, i in enumerate(first.tolist()):
         answer = tokenizer.decode(windows[n, i + 1:i + 1 + int(focus[n].sum())].tolist())
         sampled = tokenizer.decode(scores["thought_ids"][n, i].tolist())
         donor = tokenizer.decode(scores["donor_ids"][n, i].tolist())
         whole = re.compile(rf"(?<!\d){re.escape(answer.strip())}(?!\d)")      # the number, not a digit of one
-        rows["sampled"] += bool(whole.search(sampled))
-        rows["shuffled"] += bool(whole.search(donor))
+        hits["sampled"] += bool(whole.search(sampled))
+        hits["shuffled"] += bool(whole.search(donor))
         if len(examples) < shown:
             examples.append({"before": tokenizer.decode(windows[n, max(0, i - 24):i + 1].tolist()),
                              "thought": sampled, "answer": answer})
     count = max(1, len(first))
-    return {"n": len(first), "answer_in_sampled_thought": rows["sampled"] / count,
-            "answer_in_shuffled_thought": rows["shuffled"] / count, "examples": examples}
+    return {"n": len(first), "answer_in_sampled_thought": hits["sampled"] / count,
+            "answer_in_shuffled_thought": hits["shuffled"] / count, "examples": examples}
 
 
 def thinking_wins(comparison: dict, subset: str) -> bool:
@@ -389,7 +389,7 @@ def thoughts_page_path(args) -> Path:
     return Path(f"thoughts-{Path(args.model).name}.html")
 
 
-def thoughts_page(args) -> Path:
+def write_page(args) -> Path:
     from machinery.thoughts_page import write_thoughts_page
     text = (arithmetic_texts(8, seed=HELDOUT_SEED + args.seed, bare_fraction=args.bare_fraction, kinds=args.problems)
             if args.data == "arithmetic" else read_texts(args.data, limit=1))
@@ -496,7 +496,7 @@ def main(argv=None) -> int:
             raise UsageError(f"--bare_fraction must be between 0 and 1, got {args.bare_fraction}")
         parse_kinds(args.problems)
         if args.task == "thoughts":
-            print(f"wrote {thoughts_page(args)}")
+            print(f"wrote {write_page(args)}")
             return 0
         if args.out:
             check_writable(args.out, "--out")

@@ -155,7 +155,7 @@ def thought_attention(q: Tensor, own_k: list[Tensor], own_v: list[Tensor], real_
 def lm_head_logits(h: Tensor, weight: Tensor, bias: Tensor | None, banned: Tensor | None) -> Tensor:
     """lm_head(h), promoted to at least fp32 (bf16 logits are too coarse for a softmax), banned ids at -inf."""
     logits = F.linear(h, weight, bias)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = upcast(logits)
     return logits if banned is None else logits.index_fill_(-1, banned, float("-inf"))
 
 

@@ -47,22 +47,21 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None = None,
 
 @torch.no_grad()
 def think(qs: QuietStar, cache, position: int, generator=None) -> tuple[list[int], Tensor]:
-    """Sample one thought after the last real token (at `position`) -> (thought ids, h at <end> (1, 1, D)).
-    The cache is restored afterwards: thoughts never become part of the text."""
+    """QuietStar.think for one stream, the last real token (at `position`), one token at a time with the KV cache:
+    <start> at position + 1, c_j at position + 1 + j, <end> at position + L + 2 -> (thought ids, h at <end>
+    (1, 1, D)). The cache is restored afterwards: thoughts never become part of the text."""
     model, cfg = qs.model, qs.config
     device = model.embed_tokens.weight.device
     saved = list(cache.keys), list(cache.values)
     start, end = qs.marker_embeddings()
     x, ids = start.view(1, 1, -1), []
-    for step in range(1, cfg.thought_len + 3):            # <start>, c_1 .. c_L, <end>
-        h = model.hidden(x, torch.tensor([position + step], device=device), cache=cache)
-        if step == cfg.thought_len + 2:
-            break
-        if step <= cfg.thought_len:
+    for offset in range(1, qs.end_offset + 1):
+        h = model.hidden(x, torch.tensor([position + offset], device=device), cache=cache)
+        if offset <= cfg.thought_len:                       # h predicts c_offset
             logits = qs.thought_token_logits(h[:, -1]) / cfg.thought_temperature
             ids.append(sample_from_logits(logits, generator).item())
             x = model.embed(torch.tensor([[ids[-1]]], device=device))
-        else:
+        else:                                               # after c_L comes <end>
             x = end.view(1, 1, -1)
     cache.keys, cache.values = saved
     return ids, h
@@ -85,18 +84,18 @@ def decode(model: Mistral, tokenizer, prompt: str, max_new_tokens: int = 32, tem
     out = Generation("", [])
     started = time.time()
     for _ in range(max_new_tokens):
-        h_next, thought, weight = h, [], 0.0
+        h_next, thought, mix_weight = h, [], 0.0
         if qs is not None:
             thought, h_end = think(qs, cache, len(cache) - 1, generator)
             w = qs.mixing_head(h, h_end)
-            h_next, weight = mix(h, h_end, w), w.item()
+            h_next, mix_weight = mix(h, h_end, w), w.item()
         token = sample_next(model.lm_head(h_next)[:, -1], temperature, top_k, generator)    # (1,)
         if token.item() in eos:
             break
         out.token_ids.append(token.item())
         out.thoughts.append(tokenizer.decode(thought))
         out.thought_ids.append(thought)
-        out.mix_weights.append(weight)
+        out.mix_weights.append(mix_weight)
         if stop and any(s in tokenizer.decode(out.token_ids) for s in stop):
             break
         h = model.hidden(model.embed(token[:, None]), cache=cache)                           # (1, 1, D)

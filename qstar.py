@@ -184,13 +184,13 @@ def thought_rewards(talk_logp: Tensor, base_logp: Tensor, scored: Tensor) -> Ten
     """Step 4, the reward of each thought: sum over u of log p_mixed(x_{i+1+u}) - log p_base(x_{i+1+u}).
 
     talk_logp (B*M, N, T-1): log-prob of x_{i+1+u} after the thought at i (0 where i+1+u is past the end);
-    base_logp (B*M, T-1): log-prob of x_{j+1} with no thought; scored (B*M, N, T-1): which terms count.
+    base_logp (B*M, T-1): log-prob of x_{i+1} with no thought at i; scored (B*M, N, T-1): which terms count.
     -> (B*M, T), 0 at the last position (it has no next token). No gradient."""
-    BM, N, T1 = talk_logp.shape
-    reward = talk_logp.new_zeros(BM, T1 + 1)
+    BM, N, n_targets = talk_logp.shape                                         # n_targets = T - 1
+    reward = talk_logp.new_zeros(BM, n_targets + 1)
     for u in range(N):
-        gain = talk_logp[:, u, :T1 - u] - base_logp[:, u:]                    # the same target x_{i+1+u}
-        reward[:, :T1 - u] += (gain * scored[:, u, :T1 - u]).detach()
+        gain = talk_logp[:, u, :n_targets - u] - base_logp[:, u:]              # the same target x_{i+1+u}
+        reward[:, :n_targets - u] += (gain * scored[:, u, :n_targets - u]).detach()
     return reward
 
 
@@ -204,8 +204,8 @@ def advantages(reward: Tensor, clip_negative: bool) -> Tensor:
 
 
 def reinforce_loss(reward: Tensor, thought_logp: Tensor, valid: Tensor, clip_negative: bool) -> Tensor:
-    """Step 5, REINFORCE. The paper (section 4.4) uses the gradient  -r_j * grad log p(T_j | X_{:j}, <start>)
-    for the thought T_j at position j with advantage r_j; its loss is  mean over positions of -r_j * log p(T_j).
+    """Step 5, REINFORCE. The paper (section 4.4) uses the gradient  -r_i * grad log p(T_i | X_{:i}, <start>)
+    for the thought T_i at position i with advantage r_i; its loss is  mean over positions of -r_i * log p(T_i).
 
     reward (B, M, T); thought_logp (B, M, T): log-probability of each sampled thought, summed over its tokens;
     valid (B, 1, T): positions that count. The advantage carries no gradient."""
@@ -262,6 +262,11 @@ class QuietStar(nn.Module):
         self.embed_ids = model.embed                    # thought and teacher-forced token ids -> embeddings
         self.sample = sample_from_logits                # (.., V) logits -> one token per row
 
+    @property
+    def end_offset(self) -> int:
+        """<end> sits at i + L + 2: after x_i, <start> (i + 1) and the L thought tokens."""
+        return self.config.thought_len + 2
+
     def marker_embeddings(self) -> tuple[Tensor, Tensor]:
         """(start, end), each (D,): the input vectors exactly as the model sees them."""
         start, end = self.markers()
@@ -284,15 +289,15 @@ class QuietStar(nn.Module):
         """The LM head's logits for a thought token (at least fp32): never EOS or a special token."""
         return upcast(self.model.lm_head(h)).index_fill(-1, self.banned_thought_ids, float("-inf"))
 
-    def _thought_token(self, h: Tensor, given: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _thought_token(self, h: Tensor, forced: Tensor | None) -> tuple[Tensor, Tensor]:
         """Step 2's choice of the next thought token: h (B*M, T, D) -> (log-prob at the REINFORCE temperature,
         token (B*M, T)). The token is sampled from softmax(logits / thought_temperature), never EOS or a
-        special token, unless `given` (teacher-forced thoughts). No gradient flows through the choice."""
+        special token, unless `forced` (teacher-forced thoughts). No gradient flows through the choice."""
         cfg = self.config
 
         def sample(logits: Tensor) -> Tensor:                    # (B*M, T, V) with the banned ids at -inf
             return self.sample(logits / cfg.thought_temperature)
-        return self.token_logprob(self.model.lm_head, h, sample if given is None else given,
+        return self.token_logprob(self.model.lm_head, h, sample if forced is None else forced,
                                   cfg.reinforce_temperature or cfg.thought_temperature, self.banned_thought_ids)
 
     # ---- the steps ----------------------------------------------------------------------------------------
@@ -321,8 +326,8 @@ class QuietStar(nn.Module):
             h = self._pass(x, offset=1 + j, cache=cache)                          # input: <start> or c_j
             if j == L:
                 break                                                             # c_L only fills the cache
-            given = thought_ids[..., j] if thought_ids is not None else None
-            logp, c = self._thought_token(h, given)
+            forced = thought_ids[..., j] if thought_ids is not None else None
+            logp, c = self._thought_token(h, forced)
             ids.append(c)
             logp_sum = logp_sum + logp
             x = self.embed_ids(c)
@@ -338,24 +343,23 @@ class QuietStar(nn.Module):
             base state used    h_base_{i+u}: h0..h3 for u=0, h1..h3 for u=1
 
         -> {"logp": (B*M, N, T-1) log-prob of x_{i+1+u} after the thought at i (0 past the end),
-            "weight": (B*M, N, T-1) mixing weight of that prediction (0 past the end)}"""
+            "mix_weight": (B*M, N, T-1) mixing weight of that prediction (0 past the end)}"""
         T, N = tokens.shape[1], min(self.config.n_true, tokens.shape[1] - 1)
-        end_offset = self.config.thought_len + 2                                # <end> at i + L + 2
-        rows = tokens.repeat_interleave(n_thoughts, dim=0)                       # (B*M, T)
+        streams = tokens.repeat_interleave(n_thoughts, dim=0)                    # (B*M, T)
         h_base = h_base.repeat_interleave(n_thoughts, dim=0)                     # (B*M, T, D)
         _, end = self.marker_embeddings()
-        x = end.expand(rows.shape[0], T, -1)
-        logp = h_base.new_zeros(rows.shape[0], N, T - 1, dtype=torch.promote_types(h_base.dtype, torch.float32))
-        weight = torch.zeros_like(logp)
+        x = end.expand(streams.shape[0], T, -1)
+        logp = upcast(h_base.new_zeros(streams.shape[0], N, T - 1))
+        mix_weight = torch.zeros_like(logp)
         for u in range(N):
-            h = self._pass(x, end_offset + u, cache)[:, :T - 1 - u]               # (B*M, T-1-u, D)
+            h = self._pass(x, self.end_offset + u, cache)[:, :T - 1 - u]          # (B*M, T-1-u, D)
             w = self.mixing_head(h_base[:, u:T - 1], h)                           # (B*M, T-1-u, 1)
             h_mixed = mix(h_base[:, u:T - 1], h, w)
-            logp[:, u, :T - 1 - u] = self._token_logp(h_mixed, rows[:, 1 + u:])
-            weight[:, u, :T - 1 - u] = w[..., 0]
+            logp[:, u, :T - 1 - u] = self._token_logp(h_mixed, streams[:, 1 + u:])
+            mix_weight[:, u, :T - 1 - u] = w[..., 0]
             if u + 1 < N:  # next input at position i: the true token x_{i+1+u} (dummy past the end)
-                x = self.embed_ids(F.pad(rows[:, 1 + u:], (0, 1 + u)))
-        return {"logp": logp, "weight": weight}
+                x = self.embed_ids(F.pad(streams[:, 1 + u:], (0, 1 + u)))
+        return {"logp": logp, "mix_weight": mix_weight}
 
     def forward(self, tokens: Tensor, loss_mask: Tensor | None = None, think: bool = True) -> dict[str, Tensor]:
         """tokens (B, T) -> {loss, policy_term, nll_base, nll_thought, nll_talk, reinforce, reward_mean,
@@ -397,7 +401,7 @@ class QuietStar(nn.Module):
             "nll_talk": nll_talk.detach(),                                        # mean over the N true tokens
             "reinforce": reinforce.detach(),
             "reward_mean": masked_mean(reward, valid_rows),                      # gain over no thought
-            "mix_weight_mean": masked_mean(talk["weight"][:, 0], ok_rows).detach(),
+            "mix_weight_mean": masked_mean(talk["mix_weight"][:, 0], ok_rows).detach(),
         }
 
     # ---- public helpers: sampling, fixed thoughts, per-token scores -------------------------------------
@@ -413,7 +417,7 @@ class QuietStar(nn.Module):
         h_base, cache = self.base_pass(tokens)
         ids, _ = self.think(tokens, cache, 1, thought_ids)
         _, end = self.marker_embeddings()
-        return h_base, self._pass(end.expand(*tokens.shape, -1), self.config.thought_len + 2, cache), ids   # <end>
+        return h_base, self._pass(end.expand(*tokens.shape, -1), self.end_offset, cache), ids
 
     def thought_logits(self, tokens: Tensor, thought_ids: Tensor) -> Tensor:
         """tokens (B, T), thought_ids (B, T, L) -> LM-head logits (B, T, V) of the hidden state at <end>
@@ -430,8 +434,8 @@ class QuietStar(nn.Module):
         -> h_base, h_mixed (B, T, D): LM-head inputs (apply self.model.lm_head for logits);
            mix_weight (B, T); thought_ids (B, T, L)."""
         h_base, h_end, ids = self._end_hidden(tokens, thought_ids)
-        weight = self.mixing_head(h_base, h_end)
-        return {"h_base": h_base, "h_mixed": mix(h_base, h_end, weight), "mix_weight": weight[..., 0],
+        mix_weight = self.mixing_head(h_base, h_end)
+        return {"h_base": h_base, "h_mixed": mix(h_base, h_end, mix_weight), "mix_weight": mix_weight[..., 0],
                 "thought_ids": ids}
 
     @torch.no_grad()

@@ -28,23 +28,8 @@ from machinery import gpu, parallel
 from machinery.checkpoint import crash_point
 from machinery.cli import UsageError, check, fail
 from machinery.hf_io import load_model_folder, load_pretrained, load_quietstar_parts
-from machinery.run import (
-    MetricsLog,
-    Run,
-    StopRequest,
-    describe,
-    finish,
-    format_eval,
-    gradient_split,
-    interrupted,
-    launch,
-    lock_run_folder,
-    resume_optimizer,
-    save_checkpoint,
-    say,
-    start_run,
-    stop_on_nan,
-)
+from machinery.run import (MetricsLog, Run, StopRequest, describe, finish, format_eval, gradient_split, interrupted,
+                           launch, lock_run_folder, resume_optimizer, save_checkpoint, say, start_run, stop_on_nan)
 from machinery.run import build_parser as build_run_parser
 from machinery.run import parse_args as parse_run_args
 from qstar import QuietStar, QuietStarConfig
@@ -87,7 +72,6 @@ class TrainConfig:
     fast: bool = True               # fast.py's twins: equal results, less time and memory; --no-fast: the plain path to step through
 
     def __post_init__(self):
-        check(self.preset in PRESETS, f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_windows", "eval_answers",
                      "save_interval"):
             check(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -226,8 +210,8 @@ def train_step(run: Run, step: int) -> dict:
     parts, split = {}, {}
     for micro in range(cfg.grad_accum):
         torch.manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + micro)   # resumable sampling
-        rows = run.train_data.batch(step * cfg.grad_accum + micro, batch_size * ranks.world)
-        tokens = torch.from_numpy(rows[ranks.rank * batch_size:(ranks.rank + 1) * batch_size]).to(run.device)
+        windows = run.train_data.batch(step * cfg.grad_accum + micro, batch_size * ranks.world)   # the global batch
+        tokens = torch.from_numpy(windows[ranks.rank * batch_size:(ranks.rank + 1) * batch_size]).to(run.device)
         with run.autocast():
             out = run.step_module(tokens, think=thinking)
         if parallel.any_rank(not torch.isfinite(out["loss"]), ranks):

@@ -3,6 +3,9 @@
     python -m machinery.bench            # the full grid (tiny and SmolLM2-135M dimensions, n up to 1024): ~40 min on 2 cores
     python -m machinery.bench --quick    # a small grid, under 2 minutes on 2 CPU cores
 
+Notation: the official code's names, as its timings are quoted in them: k = n_ahead = L + 3, t = n_ahead_talk = N,
+P = n_passes = M (README's L thought tokens, N true tokens, M thoughts per position).
+
 A Quiet-STaR step with n_ahead k (k - 3 thought tokens between the markers), n_ahead_talk t and P thoughts per
 position runs 1 + P * (k + t - 2) decoder passes of n tokens (one base pass shared by the P thoughts; the
 official code runs P * (k + t - 1)). So the least it can cost is that many plain steps. A plain step pays for
@@ -187,7 +190,7 @@ def where_time_goes(size: str, n: int, k: int, t: int, P: int, checkpointing: bo
 def attention_memory(n: int, step: int, P: int = 2) -> dict:
     """Bytes one thought pass's attention keeps for backward (one layer, SmolLM2 head sizes), fast vs dense,
     counted exactly with saved-tensor hooks (each storage once; the cache tensors it reads are not counted)."""
-    from thought_cache import thought_attention, with_summary_slot
+    from fast import thought_attention, with_summary_slot
 
     from attention_mask import thought_mask
     from model import attend

@@ -1,12 +1,13 @@
-"""Everything in this project that only runs on an NVIDIA GPU, in one place, so that a reader sees the whole list
-of what the CPU tests cannot execute. bf16 autocast is not here: train.py's autocast wrapper runs on the CPU too,
-and tests/test_gpu_paths.py runs training steps through it (bf16 matmuls, the bf16 frozen LoRA base).
+"""The GPU-only switches, in one place, so that a reader sees what the CPU tests cannot execute. Two other GPU
+paths live with their callers: torchrun's nccl backend and one cuda device per rank (machinery/parallel.py: setup),
+and bf16 autocast (machinery/run.py: start_run), whose wrapper runs on the CPU too (tests/test_gpu_paths.py runs
+training steps through it: bf16 matmuls, the bf16 frozen LoRA base).
 
-What is left, each used by one caller:
-  matmul_tf32(device)     TF32 for fp32 matmuls on Ampere and newer (train.py)
+Here, each used by one caller:
+  matmul_tf32(device)     TF32 for fp32 matmuls on Ampere and newer (machinery/run.py: start_run)
   fused_adamw(device, m)  AdamW's fused CUDA kernel, except under FSDP's sharded parameters (train.py)
-  peak_gib(device)        the CUDA caching allocator's peak (bench.py; on the CPU: the process's peak RSS)
-  synchronize(device)     wait for queued kernels before reading a clock (bench.py)
+  peak_gib(device)        the CUDA caching allocator's peak (machinery/bench.py; on the CPU: the process's peak RSS)
+  synchronize(device)     wait for queued kernels before reading a clock (machinery/bench.py)
 Run once on an H200 (torch 2.11, 2026-11-26): a 3-step train.py run with bf16 autocast, fused AdamW, TF32 and
 activation checkpointing, a LoRA run on the bf16 frozen base, and eval.py on cuda.
 """

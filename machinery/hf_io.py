@@ -1,7 +1,7 @@
 """Hugging Face files: a model folder (config.json, model.safetensors or shards, tokenizer.json) in and out, and
 a Quiet-STaR checkpoint (the same, plus quietstar.safetensors with the markers and the mixing head, and
 quietstar.json with the QuietStarConfig). load_pretrained and load_quietstar take a folder, a training run's folder
-(its latest checkpoint, checked against its manifest), a built-in short name or a Hub id (gguf_import.py)."""
+(its latest checkpoint, checked against its manifest), a built-in short name or a Hub id (machinery/gguf_import.py)."""
 
 import json
 from dataclasses import asdict, fields
@@ -202,6 +202,7 @@ def load_quietstar_parts(qs: QuietStar, folder: Path):
         saved = load_file(folder / QUIETSTAR_WEIGHTS, device=str(qs.markers.stored.device))
     except Exception as e:
         raise ValueError(f"cannot read {folder / QUIETSTAR_WEIGHTS}: {e}") from None
+    saved = {"markers.stored" if k == "markers.scaled" else k: v for k, v in saved.items()}   # its old name
     expected = {k: v for k, v in qs.state_dict().items() if not k.startswith("model.")}
     for key in sorted(expected.keys() | saved.keys()):
         if key not in saved:

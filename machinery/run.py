@@ -307,7 +307,7 @@ def finish(run: Run, seconds: float, steps: int):
     if "reward_mean" in rows[-1]:
         print(f"  last step:  loss {rows[-1]['loss']:.4f}, reward {rows[-1]['reward_mean']:+.4f}, "
               f"mixing weight {rows[-1]['mix_weight_mean']:+.4f}")
-    print(f"  checkpoint: {run.out_dir}  (load_pretrained('{run.out_dir}') or QuietStar.from_pretrained)")
+    print(f"  checkpoint: {run.out_dir}  (machinery.hf_io: load_quietstar('{run.out_dir}') or load_pretrained)")
     print(f"  thoughts:   {page}")
 
 

@@ -13,13 +13,19 @@ def test_a_step_configuration_measures_and_counts_its_passes(checkpointing):
     # passes, from the algorithm: the base pass, then per thought <start>, L = k - 3 = 2 thought tokens and
     # <end> (k - 1 = 4 passes) and the t - 1 = 2 further teacher-forced talk passes: 1 + 2 * 6.
     assert row["passes"] == 13
-    assert row["plain_s"] > 0 and row["qstar_s"] > row["plain_s"] and row["overhead_fwd_bwd"] > 0
+    # 13 passes against 1: measured 7x to 25x the time, beyond what a busy machine's timing noise (~2x) reverses
+    assert row["plain_s"] > 0 and row["qstar_s"] > row["plain_s"]
+    # The ratios net of the optimizer have no stable sign at this size: AdamW alone (5 ms on one core) can outlast a
+    # whole plain step (3 ms). Stable: they are the documented ratios of the measured times (float64, exact).
+    fwd_bwd = row["plain_s"] - row["optimizer_s"]
+    assert row["overhead_fwd_bwd"] == pytest.approx((row["qstar_s"] - row["optimizer_s"]) / (row["passes"] * fwd_bwd))
     # the recomputation floor is a plain step with checkpointing over one without; 1 when nothing is recomputed
     assert (row["plain_checkpointed_s"] is None) == (not checkpointing)
-    assert row["checkpointing_floor"] == 1.0 if not checkpointing else row["checkpointing_floor"] > 0
+    assert row["checkpointing_floor"] == 1.0 if not checkpointing else \
+        row["checkpointing_floor"] == pytest.approx((row["plain_checkpointed_s"] - row["optimizer_s"]) / fwd_bwd)
 
 
 def test_generation_speed_with_and_without_thinking():
     row = bench.run_child("generation", size="tiny", k=5, new_tokens=4)
     assert "error" not in row, row["error"] if "error" in row else ""
-    assert row["plain_tokens_per_s"] > row["thinking_tokens_per_s"] > 0
+    assert row["plain_tokens_per_s"] > row["thinking_tokens_per_s"] > 0     # k - 1 = 4 more passes a token: 5x

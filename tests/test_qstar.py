@@ -73,13 +73,13 @@ def test_fast_path_and_checkpointing_equal_dense_reference(fast_paths, checkpoin
     qs.model.activation_checkpointing = checkpointing
     out, grads = loss_and_grads(qs, tokens, thoughts=thoughts)                # the same thoughts
     # fp32. Loss parts <= 3.8: the same means of terms that differ by a few roundings (~1e-6 at most; measured
-    # <= 4e-8). Gradients <= 0.26: sums of ~250 contributions in another order, <= 250 x 6e-8 x 0.26 = 4e-6
-    # (measured 9e-7). A sliding window off by one moves the losses by 4e-2 and the gradients by 9e-2.
+    # 5e-7). Gradients <= 0.26: sums of ~250 contributions in another order, ~250 x 6e-8 x 0.26 = 4e-6 (measured
+    # 1.9e-6): 3e-5. A sliding window off by one moves the losses by 4e-2 and the gradients by 9e-2.
     for key in ref_out:
         assert abs(out[key].item() - ref_out[key].item()) <= 1e-5, key
     assert grads.keys() == ref_grads.keys()
     diff = max((grads[n] - ref_grads[n]).abs().max().item() for n in grads)
-    assert diff <= 1e-5, f"gradients differ from the dense reference by {diff:.2e}"
+    assert diff <= 3e-5, f"gradients differ from the dense reference by {diff:.2e}"
 
 
 def test_fast_path_and_checkpointing_equal_dense_reference_in_fp64():
@@ -189,7 +189,7 @@ def test_markers_start_from_the_chosen_token_and_survive_save_and_load(tmp_path)
         assert torch.equal(a, b)
     assert torch.equal(loaded.mixing_head.net[-1].weight, qs.mixing_head.net[-1].weight)
     assert loaded.config == qs.config
-    thoughts = torch.randint(0, V, (B, T, L))                               # the same weights, the same ops:
+    thoughts = torch.randint(0, V, (B, T, L))      # the same weights and ops: equal but for a kernel's order (~1e-7)
     assert torch.allclose(loaded.thought_logits(tokens, thoughts), qs.thought_logits(tokens, thoughts), atol=1e-6)
 
 

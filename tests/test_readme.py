@@ -1,6 +1,7 @@
 """The README is tested: every ```python block runs, in order, in one namespace, and prints what the README shows
-after it (numbers to 1e-3, sampled thoughts all but a third, everything else exactly); the file map's line counts
-are the files' line counts."""
+after it (numbers to 1e-3, sampled thoughts all but a third, everything else exactly); the file map lists every .py
+file at the top level and in machinery/ with its line count; and the README teaches first: the algorithm, the
+guided tour and the file map all start before line 250, in that order."""
 
 import contextlib
 import io
@@ -77,3 +78,30 @@ def test_file_map_line_counts_match_the_files():
     listed = {name for name, _ in rows}
     on_disk = {p.name for p in ROOT.glob("*.py")}
     assert on_disk <= listed, f"files missing from the README's file map: {sorted(on_disk - listed)}"
+    machinery = {f"machinery/{p.name}" for p in (ROOT / "machinery").glob("*.py")}
+    assert machinery, "machinery/ holds the run's machinery"
+    assert machinery <= listed, f"files missing from the README's file map: {sorted(machinery - listed)}"
+
+
+def heading_lines() -> dict[str, int]:
+    """{heading text: 1-based line number} for the README's headings outside code blocks."""
+    headings, in_code = {}, False
+    for number, line in enumerate(README.splitlines(), 1):
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            headings.setdefault(line.lstrip("#").strip(), number)
+    return headings
+
+
+def test_the_readme_teaches_first():
+    # A new reader meets, in this order and within the first 250 lines: what Quiet-STaR is, the quick start, the
+    # algorithm, the guided tour and the file map (read these / machinery). Results, speed and training come later.
+    lines = heading_lines()
+    order = ["Quick start", "The algorithm in five steps", "A guided tour", "File map", "Read these", "Machinery"]
+    missing = [h for h in order if h not in lines]
+    assert not missing, f"README sections missing: {missing}"
+    for heading in ("The algorithm in five steps", "A guided tour", "File map"):
+        assert lines[heading] < 250, f"README section {heading!r} starts at line {lines[heading]}, after line 250"
+    starts = [lines[h] for h in order]
+    assert starts == sorted(starts), f"README sections out of order: {dict(zip(order, starts))}"

@@ -109,6 +109,7 @@ def test_one_span_per_token_with_data_attributes(page):
             if tok[key] is None:
                 assert span["attrs"][attr] == ""
             else:
+                # written with 4 decimals: off by <= 5e-5; another token's value is off by 6e-4 and more
                 assert float(span["attrs"][attr]) == pytest.approx(tok[key], abs=1e-4)
     assert "style" not in p.toks[0]["attrs"]  # the first token has no delta: no colour
     assert "34,170,80" in p.toks[5]["attrs"]["style"] and "220,50,40" in p.toks[9]["attrs"]["style"]
@@ -148,7 +149,7 @@ def test_top_table_lists_most_helpful_first(page):
     assert deltas == sorted(deltas) and deltas[0] == -2.5
     assert rows[0][2] == NASTY and rows[0][4] == "-0.2500" and rows[0][6] == " x < y && z > 0"  # filler column
     best = sorted(t["delta_nll"] for t in tokens if t["delta_nll"] is not None)[:10]
-    assert deltas == pytest.approx(best)
+    assert deltas == pytest.approx(best)       # 4-decimal values written with 4 decimals: equal but for parsing
 
 
 @pytest.mark.parametrize("metrics", [None, [], [{"step": 0}]])
