@@ -21,7 +21,7 @@ Tasks:
                token, mixed.
   gsm8k_gen    zero-shot "Let's think step by step", then "Therefore, the answer (arabic numerals) is", the
                first integer against the gold one; optional majority vote over --votes samples.
-  thoughts     the thoughts page (thoughts_page.py) for the first --seq_len tokens of --data ("arithmetic" or a
+  thoughts     the thoughts page (machinery/thoughts_page.py) for the first --seq_len tokens of --data ("arithmetic" or a
                .txt/.jsonl file), with the training curves of <model>/metrics.jsonl if there is one.
 """
 

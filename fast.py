@@ -1,5 +1,6 @@
 """The fast twins of three plain steps of qstar.py: the same values and gradients (tests/test_qstar.py and
-tests/test_fast.py prove it), less time and memory. fast.use(qs) swaps all three in; train.py's presets do.
+tests/test_fast.py prove it), less time and memory. fast.use(qs) swaps all three in (one switch each); train.py
+does unless --no-fast.
 
 1. ThoughtCache, twin of qstar.DenseThoughtCache: the thought passes' attention without the dense mask. A thought
    query attends
@@ -27,26 +28,29 @@ tests/test_fast.py prove it), less time and memory. fast.use(qs) swaps all three
    FSDP, which reduce dense gradients.
 """
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from model import attend, upcast
-from qstar import DenseThoughtCache, QuietStar
+from qstar import DenseThoughtCache, QuietStar, head_logits
 from qstar import token_logprob as plain_token_logprob
 
 
-def use(qs: QuietStar, fast: bool = True, sparse_embeddings: bool = True) -> QuietStar:
-    """Swap the fast twins into qs (fast=False: back to the plain ones). -> qs"""
-    qs.thought_cache = ThoughtCache if fast else DenseThoughtCache
-    qs.token_logprob = token_logprob if fast else plain_token_logprob
-    qs.embed_ids = (lambda ids: sparse_embed(ids, qs.model.embed_tokens.weight)) if fast and sparse_embeddings \
-        else qs.model.embed
+def use(qs: QuietStar, fast: bool = True, *, attention: bool | None = None, logprob: bool | None = None,
+        sparse_embeddings: bool | None = None) -> QuietStar:
+    """Swap fast.py's twins into qs, each by its own switch (None: as `fast`); fast=False: all plain. -> qs"""
+    qs.thought_cache = ThoughtCache if (fast if attention is None else attention) else DenseThoughtCache
+    qs.token_logprob = token_logprob if (fast if logprob is None else logprob) else plain_token_logprob
+    qs.embed_ids = partial(sparse_embed, qs.model.embed_tokens) if (
+        fast if sparse_embeddings is None else sparse_embeddings) else qs.model.embed
     return qs
 
 
-def sparse_embed(ids: Tensor, weight: Tensor) -> Tensor:
-    return F.embedding(ids, weight, sparse=torch.is_grad_enabled())
+def sparse_embed(embedding: torch.nn.Embedding, ids: Tensor) -> Tensor:
+    return F.embedding(ids, embedding.weight, sparse=torch.is_grad_enabled())
 
 
 # ---- 1. thought attention without the mask -----------------------------------------------------------------
@@ -152,19 +156,12 @@ def thought_attention(q: Tensor, own_k: list[Tensor], own_v: list[Tensor], real_
 
 # ---- 2. the LM head's log-prob without the (.., V) logits -----------------------------------------------------
 
-def lm_head_logits(h: Tensor, weight: Tensor, bias: Tensor | None, banned: Tensor | None) -> Tensor:
-    """lm_head(h), promoted to at least fp32 (bf16 logits are too coarse for a softmax), banned ids at -inf."""
-    logits = F.linear(h, weight, bias)
-    logits = upcast(logits)
-    return logits if banned is None else logits.index_fill_(-1, banned, float("-inf"))
-
-
 class TokenLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, temperature, banned):
         device = h.device.type     # under autocast the matmul runs in bf16; backward repeats that by hand
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        logits = lm_head_logits(h, weight, bias, banned)                        # (.., V), fp32 or fp64
+        logits = head_logits(h, weight, bias, banned)                        # (.., V), fp32 or fp64
         if callable(targets):
             targets = targets(logits)                                           # sampled from these logits
         scaled = logits if temperature == 1 else logits.div_(temperature)
@@ -180,7 +177,7 @@ class TokenLogProb(torch.autograd.Function):
         h, weight, bias, targets, lse, banned = ctx.saved_tensors
         dtype = ctx.dtype
         h_, weight_, bias_ = (None if t is None else t.to(dtype) for t in (h, weight, bias))
-        grad = lm_head_logits(h_, weight_, bias_, banned)                       # recomputed: (.., V)
+        grad = head_logits(h_, weight_, bias_, banned)                       # recomputed: (.., V)
         if ctx.temperature != 1:
             grad.div_(ctx.temperature)
         grad.sub_(lse[..., None]).exp_()                                        # softmax (0 at banned ids)

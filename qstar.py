@@ -26,7 +26,7 @@ A thought pass at `offset` runs one token of every stream at once, at positions 
 
 Everything here is the plain computation, the one to read and step through: a dense attention mask, log_softmax
 and gather, sampling in plain sight. fast.py holds equal, faster twins (tests/test_qstar.py proves them equal)
-and fast.use(qs) swaps them in; train.py's presets do.
+and fast.use(qs) swaps them in (train.py does, unless --no-fast).
 """
 
 from dataclasses import dataclass
@@ -133,15 +133,19 @@ def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None,
     return torch.searchsorted(cdf, u * cdf[..., -1:], right=True)[..., 0].clamp(max=logits.shape[-1] - 1)
 
 
+def head_logits(h: Tensor, weight: Tensor, bias: Tensor | None = None, banned: Tensor | None = None) -> Tensor:
+    """lm_head(h) in at least fp32 (bf16 logits are too coarse for a softmax), with the banned ids at -inf."""
+    logits = upcast(F.linear(h, weight, bias))
+    return logits if banned is None else logits.index_fill_(-1, banned, float("-inf"))
+
+
 def token_logprob(head: nn.Linear, h: Tensor, targets, temperature: float = 1.0, banned: Tensor | None = None
                   ) -> tuple[Tensor, Tensor]:
     """log p(target | h) = log_softmax(head(h) / temperature)[target], in at least fp32 (bf16 is too coarse).
     h (.., D); targets (..) ids, or a function of the (.., V) logits that samples them; banned: ids set to -inf
     (never sampled). -> (log-prob (..), targets (..)). fast.token_logprob is the same without keeping the
     (.., V) logits for backward."""
-    logits = upcast(head(h))
-    if banned is not None:
-        logits = logits.index_fill(-1, banned, float("-inf"))
+    logits = head_logits(h, head.weight, head.bias, banned)
     if callable(targets):
         with torch.no_grad():
             targets = targets(logits)
@@ -287,7 +291,7 @@ class QuietStar(nn.Module):
 
     def thought_token_logits(self, h: Tensor) -> Tensor:
         """The LM head's logits for a thought token (at least fp32): never EOS or a special token."""
-        return upcast(self.model.lm_head(h)).index_fill(-1, self.banned_thought_ids, float("-inf"))
+        return head_logits(h, self.model.lm_head.weight, self.model.lm_head.bias, self.banned_thought_ids)
 
     def _thought_token(self, h: Tensor, forced: Tensor | None) -> tuple[Tensor, Tensor]:
         """Step 2's choice of the next thought token: h (B*M, T, D) -> (log-prob at the REINFORCE temperature,
@@ -296,7 +300,7 @@ class QuietStar(nn.Module):
         cfg = self.config
 
         def sample(logits: Tensor) -> Tensor:                    # (B*M, T, V) with the banned ids at -inf
-            return self.sample(logits / cfg.thought_temperature)
+            return self.sample(logits if cfg.thought_temperature == 1 else logits / cfg.thought_temperature)
         return self.token_logprob(self.model.lm_head, h, sample if forced is None else forced,
                                   cfg.reinforce_temperature or cfg.thought_temperature, self.banned_thought_ids)
 

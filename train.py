@@ -6,7 +6,7 @@ The machinery around a run (command line, Ctrl-C, checkpoints, resume, torchrun)
     python train.py --data ../shared/data/gsm8k/train.jsonl --max_steps 200
     python train.py --preset paper --lora_rank 16  # one GPU: Mistral-7B, the official hyperparameters
     python train.py --out_dir out --resume         # continue a run exactly where its checkpoint left it
-    python train.py --no-fast                      # the plain computation of qstar.py (same results, slower)
+    python train.py --no-fast                      # the plain path of qstar.py (slower; equal step by step)
     python train.py --help                         # every option, its default and what it does
 
 Every field of TrainConfig (below) and of qstar.QuietStarConfig is an option.
@@ -69,9 +69,10 @@ class TrainConfig:
     dist_timeout: int = 1800        # seconds a rank waits for the others (a failed rank) before stopping with an error
     seed: int = 1337                # data order, thought samples and initialisation
     threads: int = 0                # CPU threads for torch; 0 = torch's default
-    fast: bool = True               # fast.py's twins: equal results, less time and memory; --no-fast: the plain path to step through
+    fast: bool = True               # fast.py's twins (equal per step, less time and memory); --no-fast: the plain path
 
     def __post_init__(self):
+        check(self.preset in PRESETS, f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_windows", "eval_answers",
                      "save_interval"):
             check(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -171,7 +172,7 @@ def build_model(cfg: TrainConfig, qcfg: QuietStarConfig, device, use_bf16: bool,
     qs = QuietStar(model, qcfg, tokenizer).to(device)
     if checkpoint is not None:
         load_quietstar_parts(qs, checkpoint)
-    fast.use(qs, cfg.fast, sparse_embeddings=cfg.parallel == "none")      # the fast twins (fast.py), or plain
+    fast.use(qs, cfg.fast)                                # the fast twins (fast.py), or the plain path
     return qs.train(), tokenizer
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+import fast
 from machinery import gpu
 
 SIZES = {
@@ -112,8 +113,8 @@ def measure_step(size: str, n: int, k: int, t: int, P: int, checkpointing: bool,
     checkpointed_times = [timed(plain_checkpointed_step, device, repeats)] if checkpointing else []
     gpu.reset_peak(device)
 
-    qs = QuietStar(model, QuietStarConfig(thought_len=k - 3, n_true=t, n_thoughts=P, marker_init="x",
-                                          activation_checkpointing=checkpointing), Tokenizer1()).to(device)
+    qs = fast.use(QuietStar(model, QuietStarConfig(thought_len=k - 3, n_true=t, n_thoughts=P, marker_init="x",
+                                                   activation_checkpointing=checkpointing), Tokenizer1()).to(device))
     torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.01)    # as after a few steps: every path live
     optimizer = torch.optim.AdamW(qs.parameters(), lr=1e-6)
 
@@ -169,8 +170,8 @@ def where_time_goes(size: str, n: int, k: int, t: int, P: int, checkpointing: bo
         logits = model(tokens)
         torch.nn.functional.cross_entropy(logits[0, :-1].float(), tokens[0, 1:]).backward()
 
-    qs = QuietStar(model, QuietStarConfig(thought_len=k - 3, n_true=t, n_thoughts=P, marker_init="x",
-                                          activation_checkpointing=checkpointing), Tokenizer1()).to(device)
+    qs = fast.use(QuietStar(model, QuietStarConfig(thought_len=k - 3, n_true=t, n_thoughts=P, marker_init="x",
+                                                   activation_checkpointing=checkpointing), Tokenizer1()).to(device))
     torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.01)
     passes = 1 + P * (k + t - 2)
     seconds = {}

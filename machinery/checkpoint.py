@@ -28,6 +28,9 @@ from machinery.cli import UsageError
 
 LATEST, MANIFEST, LOCK = "latest", "manifest.json", ".lock"
 FULL_DISK = 1 << 20        # bytes free under which a failed write is put down to a full disk
+# What loading a model reads (not train_state.pt, the optimizer's state: twice the model's size)
+MODEL_PARTS = ("config.json", "model.safetensors", "tokenizer.json", "quietstar.safetensors", "quietstar.json",
+               "adapter_model.safetensors", "adapter_config.json")
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json")
 
 
@@ -82,7 +85,6 @@ def write_checkpoint(out_dir: Path, step: int, write_files) -> Path:
     tmp = out_dir / f".tmp-checkpoint-{step:06d}-{os.getpid()}"
     final = out_dir / f"checkpoint-{step:06d}"
     pointer = out_dir / f".{LATEST}.tmp"
-    switched = False
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -101,44 +103,52 @@ def write_checkpoint(out_dir: Path, step: int, write_files) -> Path:
         _fsync(pointer)
         crash_point("pointer")
         os.replace(pointer, out_dir / LATEST)       # the switch: one atomic rename
-        switched = True
-        _fsync(out_dir)
-        crash_point("switched")
     except Exception as e:
-        free = shutil.disk_usage(out_dir).free
+        try:
+            free = shutil.disk_usage(out_dir).free
+        except OSError:
+            free = None
         if isinstance(e, OSError):
             reason = f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
-        elif free < FULL_DISK:      # torch.save and safetensors report a full disk as RuntimeError / their own
+        elif free is not None and free < FULL_DISK:    # torch.save and safetensors say "disk full" their own way
             reason = f"No space left on device: {free:,} bytes free ({type(e).__name__}: {str(e).splitlines()[0]})"
         else:
             raise                   # not a storage failure: a bug, with its traceback
-        if not switched and final.exists() and latest_checkpoint(out_dir) != final:
+        if final.exists() and latest_checkpoint(out_dir) != final:
             shutil.rmtree(final, ignore_errors=True)
         raise CheckpointWriteError(f"could not write the checkpoint of step {step} in {out_dir} ({reason})") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         pointer.unlink(missing_ok=True)
+    try:                                            # saved: the switch is done; make the rename durable
+        _fsync(out_dir)
+    except OSError:                                 # some file systems refuse a directory fsync; nothing is lost
+        pass
+    crash_point("switched")
     for old in out_dir.glob("checkpoint-*"):
         if old != final and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def verify_checkpoint(out_dir: Path) -> Path:
+def verify_checkpoint(out_dir: Path, only: tuple[str, ...] | None = None) -> Path:
     """The latest checkpoint's folder, after checking it against its manifest (verify_manifest)."""
     folder = latest_checkpoint(out_dir)
     if folder is None:
         raise UsageError(f"--resume but {out_dir} holds no checkpoint (no {LATEST} file)")
     if not (folder / MANIFEST).is_file():
         raise UsageError(f"{folder} has no {MANIFEST}: the checkpoint is incomplete; start a new --out_dir")
-    return verify_manifest(folder)
+    return verify_manifest(folder, only)
 
 
-def verify_manifest(folder: Path) -> Path:
-    """Check that every file the manifest lists is there with its size and SHA-256 (a manifest written before
-    checksums existed holds sizes only). A damaged checkpoint is an error that names the file."""
+def verify_manifest(folder: Path, only: tuple[str, ...] | None = None) -> Path:
+    """Check that every file the manifest lists (or those of them named in `only`) is there with its size and
+    SHA-256 (a manifest written before checksums existed holds sizes only). A damaged checkpoint is an error that
+    names the file."""
     expected = json.loads((folder / MANIFEST).read_text())
     for name, want in expected["files"].items():
+        if only is not None and name not in only:
+            continue
         want = want if isinstance(want, dict) else {"bytes": want}
         f = folder / name
         size = f.stat().st_size if f.is_file() else None

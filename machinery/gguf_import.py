@@ -430,10 +430,10 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is a file; pass the model folder that holds config.json "
                                     "(for a .gguf file, convert it first: python -m machinery.gguf_import FILE.gguf OUT_DIR)")
-        from machinery.checkpoint import LATEST, MANIFEST, verify_checkpoint, verify_manifest
+        from machinery.checkpoint import LATEST, MANIFEST, MODEL_PARTS, verify_checkpoint, verify_manifest
         if (path / LATEST).is_file():                    # a training run's folder: its latest checkpoint, checked
-            return verify_checkpoint(path)
-        return verify_manifest(path) if (path / MANIFEST).is_file() else path
+            return verify_checkpoint(path, only=MODEL_PARTS)
+        return verify_manifest(path, only=MODEL_PARTS) if (path / MANIFEST).is_file() else path
     if str(name_or_path) in DEFAULT_MODELS:
         return ensure_default_model(str(name_or_path))
     first = Path(str(name_or_path).split("/")[0]).expanduser()

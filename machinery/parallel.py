@@ -72,12 +72,12 @@ def teardown():
 
 
 def wrap(qs, ranks: Ranks, device, use_bf16: bool):
-    """-> the module to call for training steps (qs itself, DDP(qs), or qs after fully_shard). Call fast.use
-    before, with sparse_embeddings=False where ranks.mode != "none": reduced gradients must be dense."""
+    """-> the module to call for training steps (qs itself, DDP(qs), or qs after fully_shard)."""
     if ranks.world > 1:
         qs.sample = partial(sample_block, rank=ranks.rank, world=ranks.world)   # thoughts as in the global batch
     if ranks.mode == "none":
         return qs
+    qs.embed_ids = qs.model.embed                                  # reduced gradients must be dense (no sparse_embed)
     if ranks.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         # find_unused_parameters: plain steps never touch the markers or the mixing head

@@ -49,7 +49,7 @@ def parse_args(argv: list[str], train_config, presets: dict, fixed_on_resume: tu
     values, changed = presets[preset] | given, []
     if given.get("resume"):
         out_dir = Path(given.get("out_dir", train_config.out_dir))
-        saved_file = verify_checkpoint(out_dir) / "train_config.json"
+        saved_file = verify_checkpoint(out_dir, only=("train_config.json",)) / "train_config.json"   # the rest: once, locked
         if not saved_file.is_file():
             raise UsageError(f"--resume: {saved_file} is missing, so the run's settings are unknown; start a new "
                              "--out_dir")
@@ -209,7 +209,12 @@ def resume_optimizer(qs, optimizer, checkpoint: Path, group_settings) -> int:
     group's learning rate and weight decay from the settings, so that --lr and friends given on --resume take
     effect. -> the step to continue from."""
     state = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=True)
-    parallel.load_optimizer(qs, optimizer, state["optimizer"])
+    optim = state["optimizer"]                      # a checkpoint from before the markers' rename: scaled -> stored
+    if "markers.scaled" in optim["state"]:
+        optim["state"]["markers.stored"] = optim["state"].pop("markers.scaled")
+        for group in optim["param_groups"]:
+            group["params"] = ["markers.stored" if p == "markers.scaled" else p for p in group["params"]]
+    parallel.load_optimizer(qs, optimizer, optim)
     for group in optimizer.param_groups:
         group.update(group_settings(group["name"]))
     return state["step"]
@@ -236,9 +241,11 @@ def save_checkpoint(run: "Run", step: int) -> str | None:
             torch.save({"step": step, "optimizer": optimizer_state}, folder / "train_state.pt")
         try:
             write_checkpoint(run.out_dir, step, write_files)
-        except CheckpointWriteError as e:
+        except Exception as e:                      # every rank must hear of it, or the others would wait
             error = e
     if parallel.any_rank(error is not None, run.ranks):
+        if error is not None and not isinstance(error, CheckpointWriteError):
+            raise error                             # a bug, not the storage: its traceback
         last = checkpoint_step(run.out_dir)
         kept = f"the latest checkpoint is still step {last}" if last is not None else "no checkpoint was written"
         return (f"{error or 'rank 0 could not write the checkpoint'}. Not saved; {kept}. Free space or fix the "

@@ -77,6 +77,12 @@ def launch(world, out_dir, crash_at: str | None = None) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def rewritten_since(out_dir, moment: float) -> bool:
+    """The run has loaded and rewritten metrics.jsonl (MetricsLog keeps the rows up to its checkpoint)."""
+    f = out_dir / "metrics.jsonl"
+    return f.exists() and f.stat().st_mtime > moment
+
+
 def logged_step(out_dir) -> int:
     f = out_dir / "metrics.jsonl"
     lines = f.read_text().splitlines() if f.exists() else []
@@ -97,19 +103,22 @@ def test_sigkill_anywhere_then_resume_ends_with_the_uninterrupted_weights(world,
     reference, seconds = uninterrupted
     out = world / "killed"
     kills, rng = [], random.Random(20)
-    # The kill points: each phase of a checkpoint write (checkpoint.crash_point), the 2nd evaluation, and random
-    # moments during a run (a step, an evaluation, loading, a write: wherever the clock lands).
     # The kill points: each phase of a checkpoint write (checkpoint.crash_point), the 2nd evaluation of a run, and
-    # 8 random moments: once the run has logged the step it resumed from or the next one, after a random part of a
-    # step's time (so in a step, an evaluation, a checkpoint write, or while loading).
-    planned = ["files", "manifest", "renamed", "pointer", "switched", "eval:2"] + [None] * 8
+    # 8 random moments: 2 while the process starts (imports, loading), 6 once it trains (it has rewritten
+    # metrics.jsonl and logged the step it resumed from or the next one), a random part of a step's time later:
+    # in a step, an evaluation or a checkpoint write.
+    planned = ["files", "manifest", "renamed", "pointer", "switched", "eval:2"] + ["start", *["train"] * 3] * 2
     for crash_at in planned:
         before = checkpoint.checkpoint_step(out)
-        proc = launch(world, out, crash_at)
+        launched = time.time()
+        proc = launch(world, out, crash_at if crash_at not in ("start", "train") else None)
         try:
-            if crash_at is None:
+            if crash_at == "start":
+                time.sleep(rng.uniform(0.3, 2.0))
+                proc.kill()
+            elif crash_at == "train":
                 target = min(rng.randint(before or 0, (before or 0) + 1), STEPS - 2)
-                while proc.poll() is None and logged_step(out) < target:
+                while proc.poll() is None and not (rewritten_since(out, launched) and logged_step(out) >= target):
                     time.sleep(0.01)
                 time.sleep(rng.uniform(0, seconds / STEPS / 2))   # less than a step (seconds has loading too)
                 proc.kill()
@@ -117,7 +126,7 @@ def test_sigkill_anywhere_then_resume_ends_with_the_uninterrupted_weights(world,
         finally:
             proc.kill()
         assert proc.returncode == -signal.SIGKILL, output[-3000:]
-        kills.append((crash_at or "random", before, checkpoint.checkpoint_step(out)))
+        kills.append((crash_at, before, checkpoint.checkpoint_step(out)))
         assert_consistent(out)
     assert launch(world, out).wait(timeout=300) == 0                  # the last resume, not killed
     print(f"\n{len(kills)} kills survived (kind, checkpoint step before, after): {kills}")

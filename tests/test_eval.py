@@ -267,6 +267,7 @@ def test_plain_generation_equals_greedy_full_forwards(tiny_qstar):
 def test_eval_cli_writes_json_with_both_sides(tiny_qstar, tmp_path, monkeypatch, capsys):
     qs, tokenizer = tiny_qstar
     monkeypatch.setattr(hf_io, "load_quietstar", lambda path, **kw: (qs, tokenizer))
+    monkeypatch.setattr(hf_io.fast, "use", lambda qs: qs)         # keep the shared fixture on its plain path
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
     out = tmp_path / "result.json"

@@ -13,7 +13,7 @@ def project_modules() -> dict[str, str]:
     """{module name as imported: path} for the top-level files and machinery/."""
     names = {p.stem: p for p in ROOT.glob("*.py")}
     names |= {f"machinery.{p.stem}": p for p in (ROOT / "machinery").glob("*.py") if p.stem != "__init__"}
-    return names
+    return names | {"machinery": ROOT / "machinery" / "__init__.py"}
 
 
 def imports_of(path, known) -> set[str]:

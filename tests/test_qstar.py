@@ -279,7 +279,7 @@ def test_sparse_embedding_gradients_equal_dense_ones():
     torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.1)
     tokens = torch.randint(0, V, (B, T))
     _, dense = loss_and_grads(qs, tokens)
-    qs.embed_ids = lambda ids: fast.sparse_embed(ids, qs.model.embed_tokens.weight)
+    fast.use(qs, False, sparse_embeddings=True)                   # only this twin
     _, sparse = loss_and_grads(qs, tokens)
     assert not sparse["model.embed_tokens.weight"].is_sparse
     # the same forward (the same thoughts); a row's gradient adds its <= ~100 lookups in another order: <= 100 x 6e-8
