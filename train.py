@@ -72,7 +72,6 @@ class TrainConfig:
     fast: bool = True               # fast.py's twins (equal per step, less time and memory); --no-fast: the plain path
 
     def __post_init__(self):
-        check(self.preset in PRESETS, f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_windows", "eval_answers",
                      "save_interval"):
             check(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")
