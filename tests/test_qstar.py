@@ -193,8 +193,9 @@ def test_markers_start_from_the_chosen_token_and_survive_save_and_load(tmp_path)
     assert torch.allclose(loaded.thought_logits(tokens, thoughts), qs.thought_logits(tokens, thoughts), atol=1e-6)
 
 
-def test_gradients_reach_markers_mixing_head_and_trunk():
-    qs = make_qstar()
+@pytest.mark.parametrize("fast_paths", [False, True], ids=["plain", "fast"])
+def test_gradients_reach_markers_mixing_head_and_trunk(fast_paths):
+    qs = make_qstar(fast_paths=fast_paths)
     torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.1)   # at exactly 0 no thought gets any reward
     _, grads = loss_and_grads(qs, torch.randint(0, V, (B, T)))
     for name, _ in qs.named_parameters():
@@ -212,11 +213,12 @@ def test_markers_are_parameters_outside_the_vocabulary():
     assert not any(p is qs.markers.stored for p in qs.model.parameters())
 
 
-def test_thoughts_never_contain_eos_or_special_tokens():
+@pytest.mark.parametrize("fast_paths", [False, True], ids=["plain", "fast"])
+def test_thoughts_never_contain_eos_or_special_tokens(fast_paths):
     tokenizer = word_tokenizer(V - 2)                                    # w0 .. w34, "---" = 35
     tokenizer.add_special_tokens(["<|sep|>"])                            # id 36
     model = tiny_model(V, window=None, eos_token_id=5)
-    qs = QuietStar(model, QuietStarConfig(thought_len=L, n_true=2), tokenizer)
+    qs = fast.use(QuietStar(model, QuietStarConfig(thought_len=L, n_true=2), tokenizer), fast_paths)
     assert qs.banned_thought_ids.tolist() == [5, 36]
     model.lm_head = FavouriteTokensHead(model.config.dim, V, [5, 36])
     ids = qs.sample_thoughts(torch.randint(0, V, (B, T)))
