@@ -38,11 +38,13 @@ def causal_mask(n_queries: int, n_keys: int | None = None, window: int | None = 
     return mask
 
 
-def thought_mask(T: int, offset: int, window: int | None = None, device=None) -> Tensor:
-    """Mask for the thought pass at `offset` (>= 1) of all T streams at once, over every key computed so far.
+def thought_mask(T: int, offset: int, window: int | None = None, device=None, at: Tensor | None = None) -> Tensor:
+    """Mask for the thought pass at `offset` (>= 1) of all streams at once, over every key computed so far.
 
-    Keys are [T real tokens | pass 1 | ... | pass `offset`], each block T wide; returns (T, T * (offset + 1)).
-    Query i is stream i's token at position i + offset. T=3, offset=2:
+    One stream per real position i (at = None), or per selected position at[b, k] (at (B, K): thinking only
+    where it may help). Keys are [T real tokens | pass 1 | ... | pass `offset`], each pass one key per stream;
+    returns (T, T * (offset + 1)), or (B, 1, K, T + K * offset) with `at`. Query i is stream i's token at
+    position i + offset. T=3, offset=2:
               real   pass1  pass2
         s0    1 . .  1 . .  1 . .
         s1    1 1 .  . 1 .  . 1 .
@@ -55,20 +57,26 @@ def thought_mask(T: int, offset: int, window: int | None = None, device=None) ->
         s1    . 1 . .  . 1 . .  . 1 . .
         s2    . . 1 .  . . 1 .  . . 1 .
         s3    . . . 1  . . . 1  . . . 1
+    Streams at selected positions only, at = [[1, 3]], T=4, offset=1: the same rows, s1 and s3, of the full mask
+              real     pass1
+        s1    1 1 . .  1 .
+        s3    1 1 1 1  . 1
     """
     i = torch.arange(T, device=device)
-    query_pos = (i + offset)[:, None]                                         # (T, 1)
-    real = i[None, :] <= i[:, None]                                         # causal over real keys
+    stream = i if at is None else at                                        # (K,) or (B, K): each stream's position
+    real = i <= stream[..., None]                                           # causal over real keys
     if window is not None:
-        real &= i[None, :] > query_pos - window
-    eye = torch.eye(T, dtype=torch.bool, device=device)
+        real &= i > stream[..., None] + offset - window
+    eye = torch.eye(stream.shape[-1], dtype=torch.bool, device=device).expand(*stream.shape, -1)
     blocks = [real]
     for p in range(1, offset + 1):                                          # own token of pass p
         visible = window is None or offset - p < window
         blocks.append(eye if visible else torch.zeros_like(eye))
-    return torch.cat(blocks, dim=1)
+    mask = torch.cat(blocks, dim=-1)
+    return mask if at is None else mask[:, None]                           # (B, 1, K, keys): one for all heads
 
 
-def thought_positions(T: int, offset: int, device=None) -> Tensor:
-    """Position ids of the T streams' tokens in the thought pass at `offset`: (T,) = [offset, 1 + offset, ...]."""
-    return torch.arange(T, device=device) + offset
+def thought_positions(T: int, offset: int, device=None, at: Tensor | None = None) -> Tensor:
+    """Position ids of the streams' tokens in the thought pass at `offset`: (T,) = [offset, 1 + offset, ...],
+    or at + offset (B, K) for streams at selected positions."""
+    return (torch.arange(T, device=device) if at is None else at) + offset

@@ -71,6 +71,26 @@ def parse_kinds(kinds: str | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(k for k in KINDS if k in chosen)
 
 
+# The four question templates of arithmetic_problem, read back: a bare problem's worked steps, for the oracle thought.
+QUESTIONS = (
+    (re.compile(r"has (\d+) \w+, buys (\d+) bags with (\d+) \w+ each, then gives away (\d+)\."),
+     lambda a, b, c, d: f"{b}*{c}={b * c}. {a}+{b * c}={a + b * c}. {a + b * c}-{d}={a + b * c - d}."),
+    (re.compile(r"has (\d+) \w+ and finds (\d+) more\."), lambda a, d: f"{a}+{d}={a + d}."),
+    (re.compile(r"has (\d+) \w+ and gives away (\d+)\."), lambda a, d: f"{a}-{d}={a - d}."),
+    (re.compile(r"buys (\d+) bags with (\d+) \w+ each\. How many"), lambda b, c: f"{b}*{c}={b * c}."),
+)
+
+
+def worked_steps(question: str) -> str | None:
+    """The worked steps of a built-in problem from its question ("... has 23 marbles and finds 19 more. ..." ->
+    "23+19=42."), or None if it is not one (or is cut off)."""
+    for pattern, steps in QUESTIONS:
+        match = pattern.search(question)
+        if match:
+            return steps(*map(int, match.groups()))
+    return None
+
+
 BARE_ANSWER = re.compile(r"(?:^|\n)A: (\d+)\.\n")
 
 

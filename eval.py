@@ -11,9 +11,11 @@ Tasks:
   nll          held-out text, each next token scored four ways: no thought, the sampled thought, a filler
                thought ("." repeated) and a thought sampled for another window; the paired differences with 95%
                bootstrap intervals over windows, on all tokens and on the hardest 10% (ranked by the mean NLL of
-               the four, so that no side is flattered). --data arithmetic: built-in problems from a seed no
-               training run uses, --bare_fraction of them answered bare; their answer digits are scored again
-               on windows aligned on them ("focus").
+               the four, so that no side is flattered); the content reward (sampled minus shuffled thought's
+               reward). --data arithmetic: built-in problems from a seed no training run uses, --bare_fraction
+               of them answered bare; their answer digits are scored again on windows aligned on them ("focus"),
+               thinking there only, with a fifth predictor, the oracle thought (the problem's last worked step),
+               and how often the sampled thought writes the answer.
   gsm8k, csqa  the official protocol (docs/official_code.md): "Q: ...\nA: <answer>\n", the teacher-forced
                probability of the gold answer tokens, each renormalised over the allowed tokens (the digits' or
                letters' own tokens and the newline), multiplied over the answer ("soft"); "exact" counts answers
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (
@@ -45,10 +48,11 @@ from data import (
     parse_kinds,
     read_jsonl,
     read_texts,
+    worked_steps,
 )
 from machinery.cli import Parser, UsageError, add_model_options, at_least, check_writable, fail
 from machinery.hf_io import load_model
-from qstar import QuietStar
+from qstar import QuietStar, at_streams, mix, select_positions
 
 TASKS = ("gsm8k", "csqa", "gsm8k_gen", "nll", "thoughts")
 HELDOUT_SEED = 1_000_000   # held-out arithmetic problems come from seeds no training run uses (train.py: seed, seed+1)
@@ -129,6 +133,72 @@ def soft_score(logits: torch.Tensor, ids: list[int], positions: list[int], allow
     return probs[rows, gold].prod().item(), bool((probs.argmax(-1) == gold).all())
 
 
+# ---- per-token predictions with one thought per position -----------------------------------------------
+
+def end_hidden(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.Tensor | None = None):
+    """One thought per position, up to <end>: -> h_base, h_end (B, T, D) and the thought ids (B, T, L)."""
+    h_base, cache = qs.base_pass(tokens)
+    ids, _ = qs.think(tokens, cache, 1, thought_ids)
+    _, end = qs.marker_embeddings()
+    return h_base, qs._pass(end.expand(*tokens.shape, -1), qs.end_offset, cache), ids
+
+
+@torch.no_grad()
+def sample_thoughts(qs: QuietStar, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens (B, T) -> one sampled thought per position, ids (B, T, L)."""
+    _, cache = qs.base_pass(tokens)
+    return qs.think(tokens, cache, 1)[0]
+
+
+def thought_logits(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.Tensor) -> torch.Tensor:
+    """tokens (B, T), thought_ids (B, T, L) -> LM-head logits (B, T, V) of the hidden state at <end>
+    (before mixing): what each position predicts for x_{i+1} right after its own thought."""
+    if thought_ids.shape != (*tokens.shape, qs.config.thought_len):
+        raise ValueError(f"thought_ids must be (B, T, thought_len) = {(*tokens.shape, qs.config.thought_len)}, "
+                         f"got {tuple(thought_ids.shape)}")
+    return qs.model.lm_head(end_hidden(qs, tokens, thought_ids)[1])
+
+
+@torch.no_grad()
+def predict(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """What every position i predicts for x_{i+1}, without and with a thought (one sampled per position). Every
+    position thinks, also with think_at entropy:Q (which saves training compute): the controls are then measured
+    wherever they might matter, and the mixing head decides how much each thought is used.
+
+    -> h_base, h_mixed (B, T, D): LM-head inputs (apply qs.model.lm_head for logits);
+       mix_weight (B, T); thought_ids (B, T, L)."""
+    h_base, h_end, ids = end_hidden(qs, tokens, thought_ids)
+    mix_weight = qs.mixing_head(h_base, h_end)
+    return {"h_base": h_base, "h_mixed": mix(h_base, h_end, mix_weight), "mix_weight": mix_weight[..., 0],
+            "thought_ids": ids}
+
+
+@torch.no_grad()
+def scores_at(qs: QuietStar, tokens: torch.Tensor, at: torch.Tensor, thought_ids: torch.Tensor | None = None) -> dict:
+    """token_scores for the positions at (B, K) only (each with a next token), thinking there alone: nll_base,
+    nll_thought, mix_weight (B, K) and thought_ids (B, K, L). Far cheaper when only a few positions matter (the
+    digits of a bare answer); equal to token_scores there (tests/test_think_at.py)."""
+    h_base, cache = qs.base_pass(tokens)
+    ids, _ = qs.think(tokens, cache, 1, thought_ids, at)
+    _, end = qs.marker_embeddings()
+    h_end = qs._pass(end.expand(*at.shape, -1), qs.end_offset, cache)            # (B, K, D)
+    h_same = at_streams(h_base.transpose(1, 2), at).transpose(1, 2)              # h_base at the same positions
+    mix_weight, targets = qs.mixing_head(h_same, h_end), tokens.gather(1, at + 1)
+    return {"nll_base": -qs._token_logp(h_same, targets),
+            "nll_thought": -qs._token_logp(mix(h_same, h_end, mix_weight), targets),
+            "mix_weight": mix_weight[..., 0], "thought_ids": ids}
+
+
+@torch.no_grad()
+def token_scores(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.Tensor | None = None) -> dict:
+    """Per-token view, for evaluation and the thoughts page: nll_base and nll_thought (B, T-1), the NLL
+    of x_{i+1} without / after the thought at i; mix_weight (B, T-1); thought_ids (B, T, L)."""
+    p = predict(qs, tokens, thought_ids)
+    nll = {name: -qs._token_logp(p[h][:, :-1], tokens[:, 1:])
+           for name, h in (("nll_base", "h_base"), ("nll_thought", "h_mixed"))}
+    return nll | {"mix_weight": p["mix_weight"][:, :-1], "thought_ids": p["thought_ids"]}
+
+
 # ---- the official "soft" answer score -------------------------------------------------------------------
 
 @torch.no_grad()
@@ -147,7 +217,7 @@ def answer_scores(qs: QuietStar, tokenizer, task: str, rows: list[dict], batch_s
         tokens = torch.zeros(len(batch), width, dtype=torch.long, device=device)  # right padding never
         for b, e in enumerate(encodings):                                        # reaches earlier tokens
             tokens[b, :len(e.ids)] = torch.tensor(e.ids, device=device)
-        predicted = qs.predict(tokens)
+        predicted = predict(qs, tokens)
         for b, ((prompt, _), e) in enumerate(zip(batch, encodings)):
             scored = [j for j, (s, _) in enumerate(e.offsets) if s >= len(prompt) and e.ids[j] in allowed_set]
             for key, h in (("thoughts", "h_mixed"), ("no_thoughts", "h_base")):
@@ -209,11 +279,14 @@ def gsm8k_generation(qs: QuietStar, tokenizer, rows: list[dict], votes: int, max
 #   filler    a thought of the same length with no content: "." repeated
 #   shuffled  a real thought of the same model, sampled for another text: the one at the same position of the
 #             next window (or, with a single window, half a window away)
+#   oracle    on built-in arithmetic, before each bare answer's digits: the problem's own last worked step
+#             ("78-22=56."), the thought a perfect policy could write. oracle - none is the headroom: how much a
+#             right thought helps this checkpoint's mixing path (exactly 0 before training: the weight is 0)
 # Differences are paired (same tokens), with 95% bootstrap intervals over windows (windows are the independent
 # units; tokens of one window are not).
 
-PREDICTORS = ("none", "sampled", "filler", "shuffled")
-CONTRASTS = (("sampled", "none"), ("sampled", "filler"), ("sampled", "shuffled"))
+PREDICTORS = ("none", "sampled", "filler", "shuffled", "oracle")
+CONTRASTS = (("sampled", "none"), ("sampled", "filler"), ("sampled", "shuffled"), ("oracle", "none"))
 
 
 def filler_token_id(tokenizer) -> int:
@@ -227,15 +300,74 @@ def donor_thoughts(thought_ids: torch.Tensor) -> torch.Tensor:
     return thought_ids.roll(thought_ids.shape[1] // 2, dims=1)
 
 
+def oracle_thoughts(tokenizer, windows: torch.Tensor, focus: torch.Tensor, length: int, filler_id: int):
+    """The oracle thought before each bare answer of windows (W, T) aligned on them: at every position whose next
+    token is an answer digit (focus (W, T-1)), the last worked step of the window's last question, its last
+    `length` tokens, filler-padded in front; filler elsewhere. -> ids (W, T, length), found (W,) bool."""
+    ids = torch.full((*windows.shape, length), filler_id, dtype=torch.long)
+    found = torch.zeros(len(windows), dtype=torch.bool)
+    for w in range(len(windows)):
+        where = focus[w].nonzero()[:, 0]
+        if len(where) == 0:
+            continue
+        question = tokenizer.decode(windows[w, :int(where[0]) + 1].tolist()).rpartition("Q:")[2]
+        steps = worked_steps(question)
+        if steps is None:                                         # the question is cut off by the window
+            continue
+        step = tokenizer.encode(steps.split(" ")[-1], add_special_tokens=False).ids[-length:]
+        ids[w, where] = torch.tensor([filler_id] * (length - len(step)) + step)
+        found[w] = True
+    return ids.to(windows.device), found
+
+
+def focus_positions(focus: torch.Tensor) -> torch.Tensor:
+    """focus (W, T-1) -> the positions i whose next token is a focus token, (W, K), each row padded by repeating
+    its first one (a window without any: position 0)."""
+    rows = [row.nonzero()[:, 0].tolist() or [0] for row in focus]
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + r[:1] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
 @torch.no_grad()
-def score_thoughts(qs: QuietStar, windows: torch.Tensor, filler_id: int, batch_size: int = 4) -> dict[str, torch.Tensor]:
-    """windows (W, T) -> per-token NLL of x_{i+1} (W, T-1) under each of PREDICTORS, and the mixing weight of
-    the sampled thought (W, T-1). Uses the global torch RNG for the sampled thoughts."""
+def score_focus(qs: QuietStar, windows: torch.Tensor, focus: torch.Tensor, filler_id: int, batch_size: int = 4,
+                oracle: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """score_thoughts for the focus tokens (W, T-1) only, each window thinking at its focus positions alone
+    (scores_at): the same keys and shapes, 0 (and filler thoughts) wherever focus is False."""
+    at = focus_positions(focus).to(windows.device)                              # (W, K)
+    L, W, T = qs.config.thought_len, *windows.shape
+    batches = range(0, W, batch_size)
+    sampled = [scores_at(qs, windows[i:i + batch_size], at[i:i + batch_size]) for i in batches]
+    ids = torch.cat([s["thought_ids"] for s in sampled])                        # (W, K, L)
+    given = {"filler": torch.full_like(ids, filler_id), "shuffled": donor_thoughts(ids)}
+    if oracle is not None:
+        given["oracle"] = oracle.to(windows.device).gather(1, at[..., None].expand(-1, -1, L))
+    nll = {"none": torch.cat([s["nll_base"] for s in sampled]), "sampled": torch.cat([s["nll_thought"] for s in sampled])}
+    for name, thoughts in given.items():
+        nll[name] = torch.cat([scores_at(qs, windows[i:i + batch_size], at[i:i + batch_size],
+                                         thoughts[i:i + batch_size])["nll_thought"] for i in batches])
+
+    def spread(values: torch.Tensor, fill=0.0) -> torch.Tensor:                # (W, K, ..) -> (W, T-1 or T, ..)
+        width = T if values.dim() == 3 else T - 1
+        out = values.new_full((W, width, *values.shape[2:]), fill)
+        out[torch.arange(W, device=values.device)[:, None], at] = values
+        return out.cpu()
+    outside = ~focus.cpu()                                                      # padding rows of `at` included
+    return {p: spread(v.float()).masked_fill(outside, 0) for p, v in nll.items()} | {
+        "mix_weight": spread(torch.cat([s["mix_weight"] for s in sampled]).float()).masked_fill(outside, 0),
+        "thought_ids": spread(ids, filler_id), "donor_ids": spread(given["shuffled"], filler_id)}
+
+
+@torch.no_grad()
+def score_thoughts(qs: QuietStar, windows: torch.Tensor, filler_id: int, batch_size: int = 4,
+                   oracle: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """windows (W, T) -> per-token NLL of x_{i+1} (W, T-1) under each of PREDICTORS (oracle: if its thoughts
+    (W, T, L) are given), and the mixing weight of the sampled thought (W, T-1). Uses the global torch RNG for
+    the sampled thoughts."""
     L = qs.config.thought_len
     batches = range(0, len(windows), batch_size)
-    nll, weight, sampled_ids = {p: [] for p in PREDICTORS}, [], []
+    nll, weight, sampled_ids = {p: [] for p in PREDICTORS if p != "oracle" or oracle is not None}, [], []
     for i in tqdm(batches, desc="held-out NLL: sampled thoughts", unit="batch", leave=False):
-        scores = qs.token_scores(windows[i:i + batch_size])
+        scores = token_scores(qs, windows[i:i + batch_size])
         nll["none"].append(scores["nll_base"].float())
         nll["sampled"].append(scores["nll_thought"].float())
         weight.append(scores["mix_weight"].float())
@@ -244,8 +376,10 @@ def score_thoughts(qs: QuietStar, windows: torch.Tensor, filler_id: int, batch_s
     for i in tqdm(batches, desc="held-out NLL: controls", unit="batch", leave=False):
         w = windows[i:i + batch_size]
         filler = torch.full((*w.shape, L), filler_id, dtype=torch.long, device=w.device)
-        nll["filler"].append(qs.token_scores(w, filler)["nll_thought"].float())
-        nll["shuffled"].append(qs.token_scores(w, donors[i:i + batch_size])["nll_thought"].float())
+        nll["filler"].append(token_scores(qs, w, filler)["nll_thought"].float())
+        nll["shuffled"].append(token_scores(qs, w, donors[i:i + batch_size])["nll_thought"].float())
+        if oracle is not None:
+            nll["oracle"].append(token_scores(qs, w, oracle[i:i + batch_size])["nll_thought"].float())
     return {p: torch.cat(v).cpu() for p, v in nll.items()} | {"mix_weight": torch.cat(weight).cpu(),
                                                                "thought_ids": torch.cat(sampled_ids).cpu(),
                                                                "donor_ids": donors.cpu()}
@@ -278,20 +412,100 @@ def hard_tokens(nlls: list[torch.Tensor], mask: torch.Tensor, fraction: float = 
 
 
 def compare_thoughts(nll: dict[str, torch.Tensor], focus: torch.Tensor | None = None, n_boot: int = 2000,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, focus_only: bool = False) -> dict:
     """Per-token NLLs of PREDICTORS (W, T-1) -> mean NLL of each and the paired CONTRASTS with intervals, on
-    all tokens, on the hardest 10% (chosen by the mean of the four), and on the focus tokens (W, T-1) if given."""
+    all tokens, on the hardest 10% (chosen by the mean of the four), and on the focus tokens (W, T-1) if given;
+    focus_only: on those alone (score_focus scored nothing else). The oracle thought exists only before focus
+    tokens: it is compared there only."""
+    everywhere = [p for p in PREDICTORS if p in nll and p != "oracle"]
     everything = torch.ones_like(nll["none"], dtype=torch.bool)
-    subsets = {"all": everything, "hard": hard_tokens([nll[p] for p in PREDICTORS], everything)}
+    subsets = {} if focus_only else {"all": everything, "hard": hard_tokens([nll[p] for p in everywhere], everything)}
     if focus is not None and focus.any():
         subsets["focus"] = focus
     out = {}
     for name, mask in subsets.items():
+        shown = [p for p in PREDICTORS if p in nll and (p != "oracle" or name == "focus")]
         out[name] = {"n_tokens": int(mask.sum()), "n_windows": int(mask.any(dim=1).sum()),
-                     "nll": {p: float(nll[p][mask].mean()) for p in PREDICTORS},
-                     "diff": {f"{a}-{b}": paired_difference(nll[a], nll[b], mask, n_boot, seed) for a, b in CONTRASTS}}
+                     "nll": {p: float(nll[p][mask].mean()) for p in shown},
+                     "diff": {f"{a}-{b}": paired_difference(nll[a], nll[b], mask, n_boot, seed)
+                              for a, b in CONTRASTS if a in shown and b in shown}}
     out["mix_weight"] = float(nll["mix_weight"].mean()) if "mix_weight" in nll else None
     return out
+
+
+@torch.no_grad()
+def thought_rewards_at(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.Tensor | None = None):
+    """Steps 1-4 with one thought per position: -> rewards {"mixed", "thought"} (B, T) (training's reward from
+    each source), the thought ids (B, T, L), and where the model thinks and a next token exists (B, T)."""
+    B, T = tokens.shape
+    ok = torch.ones(B, T - 1, dtype=torch.bool, device=tokens.device)
+    h_base, cache = qs.base_pass(tokens)
+    logp_base = qs._token_logp(h_base[:, :-1], tokens[:, 1:])
+    ids, _ = qs.think(tokens, cache, 1, thought_ids)
+    talk = qs.talk(tokens, h_base, cache, 1)
+    rewards, _ = qs.rewards(tokens, ok, logp_base, talk, torch.arange(T, device=tokens.device).expand(B, T), 1)
+    where = F.pad(ok, (0, 1))
+    if qs.config.think_fraction is not None:
+        at = select_positions(qs.model.lm_head(h_base[:, :-1]), ok, qs.config.think_fraction)
+        where &= torch.zeros_like(where).scatter(1, at, True)
+    return rewards, ids, where
+
+
+def content_reward(qs: QuietStar, windows: torch.Tensor, batch_size: int = 4, seed: int = 0) -> dict:
+    """The reward of the sampled thought minus that of a thought sampled for another window at the same position
+    (donor_thoughts), where the model thinks: what the thought says, in training's own currency. Per reward
+    source: (mean, 95% low, 95% high), bootstrap over windows."""
+    batches = range(0, len(windows), batch_size)
+    sampled = [thought_rewards_at(qs, windows[i:i + batch_size]) for i in batches]
+    donors = donor_thoughts(torch.cat([ids for _, ids, _ in sampled]))
+    shuffled = [thought_rewards_at(qs, windows[i:i + batch_size], donors[i:i + batch_size])[0] for i in batches]
+    where = torch.cat([w for _, _, w in sampled]).cpu()
+    return {source: paired_difference(torch.cat([r[source] for r, _, _ in sampled]).float().cpu(),
+                                      torch.cat([r[source] for r in shuffled]).float().cpu(), where, seed=seed)
+            for source in ("mixed", "thought")}
+
+
+def evaluation_row(qs: QuietStar, tokenizer, name: str, windows: torch.Tensor, focus: torch.Tensor,
+                   filler_id: int, batch_size: int = 4) -> dict:
+    """train.py's evaluation of one held-out set, as a metrics row. "text" (consecutive windows): the NLLs of the
+    predictors on all tokens and the hardest 10%, and the content reward. "answer" (windows aligned on bare
+    answers): the five predictors on the answer digits, and how often the thought before an answer writes it."""
+    row = {}
+    if name == "text":
+        result = compare_thoughts(score_thoughts(qs, windows, filler_id, batch_size))
+        for prefix, subset in (("eval_", "all"), ("eval_hard_", "hard")):
+            row |= {f"{prefix}nll_{p}": round(v, 6) for p, v in result[subset]["nll"].items()}
+            row[f"{prefix}diff"] = {k: [round(x, 6) for x in v] for k, v in result[subset]["diff"].items()}
+        row["eval_mix_weight"] = round(result["mix_weight"], 6)
+        row["eval_content_reward"] = {k: [round(x, 6) for x in v] for k, v in content_reward(qs, windows).items()}
+        return row
+    targets = focus[:, 1:]
+    oracle, found = oracle_thoughts(tokenizer, windows.cpu(), targets, qs.config.thought_len, filler_id)
+    scores = score_focus(qs, windows, targets.to(windows.device), filler_id, 4 * batch_size, oracle)  # a few streams each
+    result = compare_thoughts(scores, targets & found[:, None], focus_only=True)
+    if "focus" in result:
+        row |= {f"eval_answer_nll_{p}": round(v, 6) for p, v in result["focus"]["nll"].items()}
+        row["eval_answer_diff"] = {k: [round(x, 6) for x in v] for k, v in result["focus"]["diff"].items()}
+    hits = answer_thoughts(tokenizer, windows.cpu(), targets, scores)
+    row["eval_thought_accuracy"] = [round(hits["answer_in_sampled_thought"], 6),
+                                    round(hits["answer_in_shuffled_thought"], 6), hits["n"]]
+    if qs.config.think_fraction is not None:         # does training think there? (think_at entropy:Q)
+        row["eval_answer_selected"] = round(answers_selected(qs, windows, targets.to(windows.device)), 6)
+    return row
+
+
+@torch.no_grad()
+def answers_selected(qs: QuietStar, windows: torch.Tensor, focus: torch.Tensor, batch_size: int = 16) -> float:
+    """The fraction of bare answers whose first digit training would think before (think_at entropy:Q): if it is
+    low, the policy never practises where the oracle says a thought could help."""
+    first = focus.int().argmax(dim=1)                                            # (W,)
+    chosen = []
+    for i in range(0, len(windows), batch_size):
+        h_base, _ = qs.base_pass(windows[i:i + batch_size])
+        ok = torch.ones(h_base.shape[0], h_base.shape[1] - 1, dtype=torch.bool, device=windows.device)
+        at = select_positions(qs.model.lm_head(h_base[:, :-1]), ok, qs.config.think_fraction)
+        chosen.append((at == first[i:i + batch_size, None]).any(dim=1))
+    return torch.cat(chosen).float().mean().item()
 
 
 def answer_thoughts(tokenizer, windows: torch.Tensor, focus: torch.Tensor, scores: dict, shown: int = 12) -> dict:
@@ -299,20 +513,22 @@ def answer_thoughts(tokenizer, windows: torch.Tensor, focus: torch.Tensor, score
     the thought writes the answer itself (the whole number), against the thought of another problem at the same
     place (the shuffled control), and a few examples. focus (W, T-1) marks target positions."""
     first = focus.int().argmax(dim=1)                                      # the position predicting digit 1
-    hits, examples = {"sampled": 0, "shuffled": 0}, []
+    hits, examples, per_answer = {"sampled": 0, "shuffled": 0}, [], []
     for n, i in enumerate(first.tolist()):
         answer = tokenizer.decode(windows[n, i + 1:i + 1 + int(focus[n].sum())].tolist())
         sampled = tokenizer.decode(scores["thought_ids"][n, i].tolist())
         donor = tokenizer.decode(scores["donor_ids"][n, i].tolist())
         whole = re.compile(rf"(?<!\d){re.escape(answer.strip())}(?!\d)")      # the number, not a digit of one
-        hits["sampled"] += bool(whole.search(sampled))
+        per_answer.append(int(bool(whole.search(sampled))))
+        hits["sampled"] += per_answer[-1]
         hits["shuffled"] += bool(whole.search(donor))
         if len(examples) < shown:
             examples.append({"before": tokenizer.decode(windows[n, max(0, i - 24):i + 1].tolist()),
                              "thought": sampled, "answer": answer})
     count = max(1, len(first))
     return {"n": len(first), "answer_in_sampled_thought": hits["sampled"] / count,
-            "answer_in_shuffled_thought": hits["shuffled"] / count, "examples": examples}
+            "answer_in_shuffled_thought": hits["shuffled"] / count, "examples": examples,
+            "sampled_hits": per_answer}
 
 
 def thinking_wins(comparison: dict, subset: str) -> bool:
@@ -328,8 +544,9 @@ def format_comparison(comparison: dict) -> str:
             continue
         c = comparison[name]
         label = {"all": "all", "hard": "hardest 10%", "focus": "focus"}[name]
-        lines.append(f"{label:>16} {c['n_tokens']:>6} " + " ".join(f"{c['nll'][p]:>9.4f}" for p in PREDICTORS) +
-                     "   " + "   ".join(f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for m, lo, hi in c["diff"].values()))
+        lines.append(f"{label:>16} {c['n_tokens']:>6} " + " ".join(
+            f"{c['nll'][p]:>9.4f}" if p in c["nll"] else f"{'-':>9}" for p in PREDICTORS) + "   " +
+            "   ".join(f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for m, lo, hi in c["diff"].values()))
     return "\n".join(lines)
 
 
@@ -343,15 +560,21 @@ def heldout_nll(qs: QuietStar, tokenizer, texts: list[str], seq_len: int, batch_
     stream = TokenWindows(texts, tokenizer, seq_len, eos, seed=0, focus=focus)
     filler = filler_token_id(tokenizer)
     windows, window_focus = stream.windows(text_windows or 10**9)
-    result = {"text": compare_thoughts(score_thoughts(qs, torch.from_numpy(windows).to(device), filler, batch_size),
-                                       torch.from_numpy(window_focus[:, 1:]))}
+    windows = torch.from_numpy(windows).to(device)
+    result = {"text": compare_thoughts(score_thoughts(qs, windows, filler, batch_size),
+                                       torch.from_numpy(window_focus[:, 1:])),
+              "content_reward": content_reward(qs, windows, batch_size)}
     if focus is not None:
         windows, window_focus = stream.focus_windows(10**9)
         if len(windows):
-            scores = score_thoughts(qs, torch.from_numpy(windows).to(device), filler, batch_size)
             targets = torch.from_numpy(window_focus[:, 1:])
-            result["answers"] = compare_thoughts(scores, targets)
+            oracle, found = oracle_thoughts(tokenizer, torch.from_numpy(windows), targets, qs.config.thought_len, filler)
+            scores = score_focus(qs, torch.from_numpy(windows).to(device), targets.to(device), filler,
+                                 4 * batch_size, oracle)                          # a few streams per window
+            result["answers"] = compare_thoughts(scores, targets & found[:, None], focus_only=True)  # with an oracle
             result["answer_thoughts"] = answer_thoughts(tokenizer, torch.from_numpy(windows), targets, scores)
+            if qs.config.think_fraction is not None:
+                result["answers_selected"] = answers_selected(qs, torch.from_numpy(windows).to(device), targets.to(device))
     return result
 
 
@@ -362,9 +585,9 @@ def thought_records(qs: QuietStar, tokenizer, tokens: torch.Tensor, filler_id: i
     """One text (T,) -> a record per token for thoughts_page: its text, the thought sampled before it (at the
     previous position), the mixing weight, how much the thought changed its NLL (negative = helped), and how
     much a filler thought of the same length changed it: where the two differ, the content mattered."""
-    scores = qs.token_scores(tokens[None])
+    scores = token_scores(qs, tokens[None])
     filler_ids = torch.full_like(scores["thought_ids"], filler_id)
-    filler = qs.token_scores(tokens[None], filler_ids)["nll_thought"][0]
+    filler = token_scores(qs, tokens[None], filler_ids)["nll_thought"][0]
     records = [{"text": tokenizer.decode([tokens[0].item()]), "thought": "", "mix_weight": None,
                 "delta_nll": None, "delta_nll_filler": None, "nll_base": None}]
     for i in range(1, len(tokens)):
@@ -449,6 +672,9 @@ def print_table(result: dict):
             if name in result:
                 print(f"{'consecutive windows' if name == 'text' else 'windows aligned on the bare answers'}:")
                 print(format_comparison(result[name]))
+        if "content_reward" in result:
+            print("content reward (reward of the sampled thought - of another window's thought, where it thinks): " +
+                  ", ".join(f"{k} {m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for k, (m, lo, hi) in result["content_reward"].items()))
         if "answer_thoughts" in result:
             a = result["answer_thoughts"]
             print(f"thoughts before an answer's first digit that write the answer: {a['answer_in_sampled_thought']:.3f}"

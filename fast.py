@@ -67,14 +67,16 @@ class ThoughtCache:
         self.thought_keys: list[list[Tensor]] = [[] for _ in range(n_layers)]    # per pass (B*M, K, T, E)
         self.thought_values: list[list[Tensor]] = [[] for _ in range(n_layers)]
         self.n_thoughts = None                                         # None while the real tokens go in
+        self.at = None                                                 # the streams' positions (B*M, K), or all
 
     def __len__(self) -> int:
         return 0 if self.real_keys[0] is None else self.real_keys[0].shape[2]
 
-    def begin_thoughts(self, n_thoughts: int):
+    def begin_thoughts(self, n_thoughts: int, at: Tensor | None = None):
         # (B, K, T, E) -> (B*M, K, 1 + T, E'): one small copy per layer for all the thought passes (a copy is cheaper
         # than folding the M thoughts into SDPA's head axis, whose backward slows down with the group size)
         self.n_thoughts = n_thoughts
+        self.at = None if at is None else at.repeat_interleave(n_thoughts, dim=0)
         self.real_keys = [with_summary_slot(k).repeat_interleave(n_thoughts, dim=0) for k in self.real_keys]
         self.real_values = [with_summary_slot(v).repeat_interleave(n_thoughts, dim=0) for v in self.real_values]
 
@@ -88,7 +90,8 @@ class ThoughtCache:
         past_k, past_v = tuple(self.thought_keys[layer]), tuple(self.thought_values[layer])
 
         def attend_fn(q, k, v):
-            return thought_attention(q, [*past_k, k], [*past_v, v], real_k, real_v, self.n_thoughts, self.window)
+            return thought_attention(q, [*past_k, k], [*past_v, v], real_k, real_v, self.n_thoughts, self.window,
+                                     self.at)
         return attend_fn
 
     def append(self, layer: int, k: Tensor, v: Tensor):
@@ -117,12 +120,13 @@ def with_summary_slot(x: Tensor) -> Tensor:
 
 
 def thought_attention(q: Tensor, own_k: list[Tensor], own_v: list[Tensor], real_k: Tensor, real_v: Tensor,
-                      n_thoughts: int, window: int | None) -> Tensor:
-    """Attention of one thought pass for all streams: q (B*M, H, T, E) -> (B*M, H, T, E).
+                      n_thoughts: int, window: int | None, at: Tensor | None = None) -> Tensor:
+    """Attention of one thought pass for all streams: q (B*M, H, T, E) -> (B*M, H, T, E); with streams at
+    selected positions only, at (B*M, S), q is (B*M, H, S, E) and so is the result.
 
-    own_k, own_v: each stream's thought tokens so far, one (B*M, K, T, E) per pass (the last is this pass's);
+    own_k, own_v: each stream's thought tokens so far, one (B*M, K, T or S, E) per pass (the last is this pass's);
     real_k, real_v: (B*M, K, 1 + T, E') from with_summary_slot. Equal to attend() with thought_mask."""
-    BM, H, T, E = q.shape
+    BM, H, T, E = q.shape                                                      # T: the number of streams
     K, offset = own_k[0].shape[1], len(own_k)
     G, scale = H // K, E ** -0.5
 
@@ -143,7 +147,14 @@ def thought_attention(q: Tensor, own_k: list[Tensor], own_v: list[Tensor], real_
     q_aug = torch.cat([q_aug, score_channel, q.new_zeros(BM, H, 1 + T, real_k.shape[-1] - E - 1)], dim=-1)
     # A sliding window (in positions; the query sits at i + offset) cuts real keys j <= i + offset - W.
     real_visible = None
-    if window is not None and T - 1 + offset >= window:
+    if at is not None:                          # stream s at position at[s]: row 1+s sees keys 0 and 1+j, j <= at[s]
+        j = torch.arange(real_k.shape[2] - 1, device=q.device)
+        seen = j <= at[..., None]
+        if window is not None:
+            seen &= j > at[..., None] + offset - window
+        seen = F.pad(seen, (1, 0), value=True)                                  # (B*M, S, 1 + T): the summary key
+        real_visible = torch.cat([seen[:, :1], seen], dim=1)[:, None]          # row 0, a dummy query: any row
+    elif window is not None and T - 1 + offset >= window:
         i = torch.arange(1 + T, device=q.device)
         real_visible = (i[None, :] <= i[:, None]) & ((i[None, :] > i[:, None] + offset - window) | (i[None, :] == 0))
     out = F.scaled_dot_product_attention(q_aug, real_k, real_v, attn_mask=real_visible,

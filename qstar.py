@@ -22,13 +22,16 @@ row b*M + m. One stream (text position i with one of its thoughts) takes these p
     0   .. i   | i+1      i+2    ..  i+1+L   i+L+2    i+L+3    ..  i+L+1+N
                | offset 1 offset 2 .. L+1    L+2      L+3      ..  L+1+N
 
-A thought pass at `offset` runs one token of every stream at once, at positions i + offset (i = 0 .. T-1).
+A thought pass at `offset` runs one token of every stream at once, at positions i + offset (i = 0 .. T-1). With
+think_at entropy:Q the streams sit only at the positions `at` (B, K) where the base prediction is least sure
+(select_positions): the same passes, K streams instead of T.
 
 Everything here is the plain computation, the one to read and step through: a dense attention mask, log_softmax
 and gather, sampling in plain sight. fast.py holds equal, faster twins (tests/test_qstar.py proves them equal)
 and fast.use(qs) swaps them in (train.py does, unless --no-fast).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,17 +48,23 @@ class QuietStarConfig:
     thought_len: int = 9               # L sampled thought tokens between <start> and <end> (n_ahead = L + 3: 12)
     n_true: int = 4                    # N true tokens scored after each thought: non-myopic (n_ahead_talk: 4)
     n_thoughts: int = 2                # M thoughts per position; their mean reward is the baseline (n_passes: 2)
+    think_at: str = "all"              # all: every position (the paper) | entropy:Q: in each window the fraction Q of
+                                       # positions whose base prediction is least sure (highest entropy); the rest keep it
     thought_temperature: float = 1.0   # sampling temperature of thought tokens (gumbel_temperature: no effect there, so 1)
     # the loss
     base_loss_weight: float = 0.5      # weight of the no-thought NLL; the talk NLLs share the rest (original_loss_weight: 0.5)
     policy_weight: float = 1.0         # REINFORCE term weight; 1e6 there makes it swamp the NLL (policy_loss_beta: 1e6)
     clip_negative_advantage: bool = True  # advantages below 0 become 0: only better-than-average thoughts are reinforced (remove_negative_rewards: True)
+    group_std: bool = False            # divide each advantage by the std of its position's M rewards (GRPO, RLP)
+    reward_from: str = "mixed"         # the reward's prediction: mixed (the paper) | thought: the post-thought one alone (RLP)
+    thought_nll_weight: float = 0.0    # NLL of the post-thought prediction itself: the model learns to continue a thought
     reinforce_temperature: float | None = None  # temperature of the log-probs in REINFORCE; None = the sampling one, so
                                                # the gradient is the true policy gradient (reinforce_temperature: 3)
     # the markers and the mixing head
     marker_grad_scale: float = 100.0   # markers are stored / this and used * this: their step is this much larger (embedding_scale: 100)
     marker_init: str = ""              # text of the single token whose embedding starts both markers; "" = em dash or "---"
     mixing_hidden: int | None = None   # hidden width of the mixing MLP; None = model dim (talk head: d)
+    bounded_mixing: bool = False       # mixing weight sigmoid(.) in [0, 1], starting at 0.01; False: unbounded, from 0 (official)
     # memory (results are the same either way; tests prove it). The fast twins: fast.use(qs)
     activation_checkpointing: bool = False  # keep every 2nd layer's input, recompute the rest in backward: slower, far less memory
 
@@ -74,6 +83,24 @@ class QuietStarConfig:
             raise ValueError(f"--policy_weight must be 0 or more, got {self.policy_weight}")
         if self.mixing_hidden is not None and self.mixing_hidden < 1:
             raise ValueError(f"--mixing_hidden must be at least 1 or None, got {self.mixing_hidden}")
+        if self.reward_from not in ("mixed", "thought"):
+            raise ValueError(f"--reward_from must be mixed or thought, got {self.reward_from!r}")
+        if self.thought_nll_weight < 0:
+            raise ValueError(f"--thought_nll_weight must be 0 or more, got {self.thought_nll_weight}")
+        _ = self.think_fraction                    # raises on a malformed think_at
+
+    @property
+    def think_fraction(self) -> float | None:
+        """think_at as a number: None for "all", Q for "entropy:Q"."""
+        if self.think_at == "all":
+            return None
+        kind, _, q = self.think_at.partition(":")
+        try:
+            if kind == "entropy" and 0 < float(q) <= 1:
+                return float(q)
+        except ValueError:
+            pass
+        raise ValueError(f"--think_at must be all or entropy:Q with 0 < Q <= 1 (e.g. entropy:0.1), got {self.think_at!r}")
 
 
 class ThoughtMarkers(nn.Module):
@@ -107,16 +134,19 @@ class MixingHead(nn.Module):
     """[h_base ; h_thought] (..., 2D) -> mixing weight (..., 1), a shallow MLP as in the official code.
 
     The last layer starts at zero, so the weight is exactly 0 and the mixed prediction equals the base one
-    until training finds thoughts that help. The output is not squashed (a sigmoid could not start at 0)."""
+    until training finds thoughts that help. Official: not squashed, so it can go negative (it does here, and
+    then a better thought lowers the reward). bounded: sigmoid(z - 4.595), in [0, 1], starting at 0.01."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, bounded: bool = False):
         super().__init__()
+        self.bounded = bounded
         self.net = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 1, bias=False))
         nn.init.zeros_(self.net[-1].weight)
 
     def forward(self, h_base: Tensor, h_thought: Tensor) -> Tensor:
-        return self.net(torch.cat([h_base, h_thought], dim=-1).to(self.net[0].weight.dtype)).type_as(h_base)
+        z = self.net(torch.cat([h_base, h_thought], dim=-1).to(self.net[0].weight.dtype))
+        return (torch.sigmoid(z - 4.595) if self.bounded else z).type_as(h_base)     # sigmoid(-4.595) = 0.0100
 
 
 def mix(h_base: Tensor, h_thought: Tensor, weight: Tensor) -> Tensor:
@@ -155,15 +185,16 @@ def token_logprob(head: nn.Linear, h: Tensor, targets, temperature: float = 1.0,
 class DenseThoughtCache(KVCache):
     """The KV cache of the thought passes, the official code's way: every pass appends its keys to one long
     cache (the real keys repeated for each of the M thoughts) and attends to all of it through
-    attention_mask.thought_mask, (T, T * (offset + 1)). fast.ThoughtCache gives the same without the mask."""
+    attention_mask.thought_mask, (T, T * (offset + 1)). fast.ThoughtCache gives the same without the mask.
+    at: the streams' positions (B, K), or None for one stream per position; kept per row (B*M, K)."""
 
-    def begin_thoughts(self, n_thoughts: int):
-        self.T = len(self)
+    def begin_thoughts(self, n_thoughts: int, at: Tensor | None = None):
+        self.T, self.at = len(self), None if at is None else at.repeat_interleave(n_thoughts, dim=0)
         self.keys = [k.repeat_interleave(n_thoughts, dim=0) for k in self.keys]       # (B*M, K, T, E)
         self.values = [v.repeat_interleave(n_thoughts, dim=0) for v in self.values]
 
     def mask(self, offset: int) -> Tensor:
-        return thought_mask(self.T, offset, self.window, device=self.keys[0].device)
+        return thought_mask(self.T, offset, self.window, self.keys[0].device, self.at)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -184,37 +215,67 @@ def talk_targets(tokens: Tensor, target_ok: Tensor, eos_ids: list[int], n_true: 
     return scored
 
 
+def at_streams(x: Tensor, at: Tensor) -> Tensor:
+    """x (B, .., T) per position -> (B, .., K): its values at the streams' positions at (B, K)."""
+    index = at.view(at.shape[0], *[1] * (x.dim() - 2), at.shape[1])
+    return x.gather(-1, index.expand(*x.shape[:-1], at.shape[1]))
+
+
+def select_positions(base_logits: Tensor, target_ok: Tensor, fraction: float) -> Tensor:
+    """Where to think (think_at entropy:Q): in each window the ceil(Q * (T-1)) positions whose base prediction
+    of x_{i+1} has the highest entropy, -sum p log p. base_logits (B, T-1, V), target_ok (B, T-1) -> positions
+    (B, K), ascending. Positions without a target come last. No gradient: the choice is not learned."""
+    logp = base_logits.detach().float().log_softmax(dim=-1)
+    entropy = (-logp.exp() * logp).nan_to_num().sum(dim=-1).masked_fill(~target_ok, float("-inf"))   # 0 log 0 = 0
+    k = min(entropy.shape[1], max(1, math.ceil(fraction * entropy.shape[1])))
+    return entropy.topk(k, dim=1).indices.sort(dim=1).values
+
+
 def thought_rewards(talk_logp: Tensor, base_logp: Tensor, scored: Tensor) -> Tensor:
-    """Step 4, the reward of each thought: sum over u of log p_mixed(x_{i+1+u}) - log p_base(x_{i+1+u}).
+    """Step 4, the reward of each thought: sum over u of log p_talk(x_{i+1+u}) - log p_base(x_{i+1+u}).
 
-    talk_logp (B*M, N, T-1): log-prob of x_{i+1+u} after the thought at i (0 where i+1+u is past the end);
-    base_logp (B*M, T-1): log-prob of x_{i+1} with no thought at i; scored (B*M, N, T-1): which terms count.
-    -> (B*M, T), 0 at the last position (it has no next token). No gradient."""
-    BM, N, n_targets = talk_logp.shape                                         # n_targets = T - 1
-    reward = talk_logp.new_zeros(BM, n_targets + 1)
-    for u in range(N):
-        gain = talk_logp[:, u, :n_targets - u] - base_logp[:, u:]              # the same target x_{i+1+u}
-        reward[:, :n_targets - u] += (gain * scored[:, u, :n_targets - u]).detach()
-    return reward
+    talk_logp (B*M, N, K): log-prob of x_{i+1+u} after the thought at i (mixed, or the post-thought prediction
+    alone: reward_from); base_logp (B*M, N, K): log-prob of the same token with no thought; scored (B*M, N, K):
+    which terms count. -> (B*M, K), no gradient."""
+    return ((talk_logp - base_logp) * scored).sum(dim=1).detach()
 
 
-def advantages(reward: Tensor, clip_negative: bool) -> Tensor:
-    """reward (B, M, T) -> advantage (B, M, T): the reward minus the mean over the M thoughts at the same
-    position (the paper's baseline), clipped at 0 if clip_negative (only better-than-average thoughts are
-    reinforced, as the official code does). With M = 1 the mean would equal the reward and the gradient would
-    vanish; then, as in the official code, the advantage is the reward itself (the gain over no thought)."""
-    advantage = reward - reward.mean(dim=1, keepdim=True) if reward.shape[1] > 1 else reward
+def advantages(reward: Tensor, clip_negative: bool, group_std: bool = False) -> Tensor:
+    """reward (B, M, K) -> advantage (B, M, K): the reward minus the mean over the M thoughts at the same
+    position (the paper's baseline); with group_std divided by their standard deviation (+1e-4, so that equal
+    rewards give 0); clipped at 0 if clip_negative (only better-than-average thoughts are reinforced, as the
+    official code does). With M = 1 the mean would equal the reward and the gradient would vanish; then, as in
+    the official code, the advantage is the reward itself (the gain over no thought)."""
+    if reward.shape[1] == 1:
+        advantage = reward
+    else:
+        advantage = reward - reward.mean(dim=1, keepdim=True)
+        if group_std:
+            advantage = advantage / (reward.std(dim=1, keepdim=True) + 1e-4)
     return advantage.clamp(min=0) if clip_negative else advantage
 
 
-def reinforce_loss(reward: Tensor, thought_logp: Tensor, valid: Tensor, clip_negative: bool) -> Tensor:
+def reinforce_loss(reward: Tensor, thought_logp: Tensor, valid: Tensor, clip_negative: bool,
+                   group_std: bool = False) -> Tensor:
     """Step 5, REINFORCE. The paper (section 4.4) uses the gradient  -r_i * grad log p(T_i | X_{:i}, <start>)
     for the thought T_i at position i with advantage r_i; its loss is  mean over positions of -r_i * log p(T_i).
 
-    reward (B, M, T); thought_logp (B, M, T): log-probability of each sampled thought, summed over its tokens;
-    valid (B, 1, T): positions that count. The advantage carries no gradient."""
-    advantage = advantages(reward, clip_negative).detach()
+    reward (B, M, K); thought_logp (B, M, K): log-probability of each sampled thought, summed over its tokens;
+    valid (B, 1, K): positions that count. The advantage carries no gradient."""
+    advantage = advantages(reward, clip_negative, group_std).detach()
     return masked_mean(advantage * -thought_logp, valid.expand_as(thought_logp))
+
+
+def reward_sources(rewards: dict[str, Tensor], valid: Tensor, n_thoughts: int) -> dict[str, Tensor]:
+    """How the two reward sources judge the same two thoughts (the first two of each position): the mean gap
+    |R1 - R2| under each, and how often they agree on which is better. rewards {source: (B*M, K)}; valid (B, K)."""
+    if n_thoughts < 2:
+        return {}
+    gap = {s: r.view(-1, n_thoughts, r.shape[-1])[:, 0] - r.view(-1, n_thoughts, r.shape[-1])[:, 1]
+           for s, r in rewards.items()}                                        # (B, K) each
+    return {"reward_gap_mixed": masked_mean(gap["mixed"].abs(), valid),
+            "reward_gap_thought": masked_mean(gap["thought"].abs(), valid),
+            "reward_agreement": masked_mean((gap["mixed"].sign() == gap["thought"].sign()).float(), valid)}
 
 
 def pick_marker_token(tokenizer) -> tuple[str, int]:
@@ -250,7 +311,7 @@ class QuietStar(nn.Module):
         with torch.no_grad():
             init = model.embed_tokens.weight[marker_id].float()
         self.markers = ThoughtMarkers(init, cfg.marker_grad_scale).to(device)
-        self.mixing_head = MixingHead(dim, cfg.mixing_hidden or dim).to(device)
+        self.mixing_head = MixingHead(dim, cfg.mixing_hidden or dim, cfg.bounded_mixing).to(device)
         model.activation_checkpointing = cfg.activation_checkpointing
         # A thought is text: EOS and the tokenizer's special tokens (chat roles, file separators) are never sampled.
         banned = set(model.config.eos_ids)
@@ -280,9 +341,9 @@ class QuietStar(nn.Module):
     # ---- one decoder pass for all positions, and the LM head on top -------------------------------------
 
     def _pass(self, embeds: Tensor, offset: int, cache) -> Tensor:
-        """One thought pass: embeds (B*M, T, D), token `offset` of every stream, at positions i + offset ->
-        hidden (B*M, T, D)."""
-        positions = thought_positions(embeds.shape[1], offset, device=embeds.device)    # i + offset
+        """One thought pass: embeds (B*M, K, D), token `offset` of every stream, at positions i + offset ->
+        hidden (B*M, K, D). K = T streams, or one per position in cache.at."""
+        positions = thought_positions(embeds.shape[1], offset, embeds.device, cache.at)  # i + offset
         return self.model.hidden(embeds, positions, mask=cache.mask(offset), cache=cache)
 
     def _token_logp(self, h: Tensor, targets: Tensor) -> Tensor:
@@ -313,18 +374,19 @@ class QuietStar(nn.Module):
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         return self.model.hidden(self.model.embed(tokens), positions, cache=cache), cache
 
-    def think(self, tokens: Tensor, cache, n_thoughts: int, thought_ids: Tensor | None = None):
-        """Step 2: <start>, then c_1 .. c_L, one pass each, for all B*M streams and all T positions at once.
-        <start> of position i sits at i + 1 and thought token c_j at i + 1 + j (the module docstring draws it);
-        each sees x_0 .. x_i and its own thought only.
+    def think(self, tokens: Tensor, cache, n_thoughts: int, thought_ids: Tensor | None = None,
+              at: Tensor | None = None):
+        """Step 2: <start>, then c_1 .. c_L, one pass each, for all B*M streams at once: one stream per position,
+        or per selected position at (B, K). <start> of position i sits at i + 1 and thought token c_j at i + 1 + j
+        (the module docstring draws it); each sees x_0 .. x_i and its own thought only.
 
-        thought_ids (B*M, T, L) or None to sample them. -> (thought ids (B*M, T, L), their summed
-        log-probs at the REINFORCE temperature (B*M, T)); afterwards the cache holds the whole thought."""
+        thought_ids (B*M, K, L) or None to sample them (K = T without `at`). -> (thought ids (B*M, K, L), their
+        summed log-probs at the REINFORCE temperature (B*M, K)); afterwards the cache holds the whole thought."""
         L = self.config.thought_len
-        BM, T = tokens.shape[0] * n_thoughts, tokens.shape[1]
+        BM, K = tokens.shape[0] * n_thoughts, tokens.shape[1] if at is None else at.shape[1]
         start, _ = self.marker_embeddings()
-        x = start.expand(BM, T, -1)                                              # (B*M, T, D)
-        cache.begin_thoughts(n_thoughts)
+        x = start.expand(BM, K, -1)                                              # (B*M, K, D)
+        cache.begin_thoughts(n_thoughts, at)
         ids, logp_sum = [], 0.0
         for j in range(L + 1):
             h = self._pass(x, offset=1 + j, cache=cache)                          # input: <start> or c_j
@@ -338,36 +400,57 @@ class QuietStar(nn.Module):
         return torch.stack(ids, dim=-1), logp_sum
 
     def talk(self, tokens: Tensor, h_base: Tensor, cache, n_thoughts: int) -> dict[str, Tensor]:
-        """Step 3: <end>, then the true tokens x_{i+1} .. x_{i+N-1}, teacher-forced. Pass u predicts x_{i+1+u},
-        mixed with the base state h_base_{i+u} that predicts the same token. For T = 5, N = 2:
+        """Step 3: <end>, then the true tokens x_{i+1} .. x_{i+N-1}, teacher-forced, for think()'s streams (at the
+        positions i in cache.at, or at every position). Pass u predicts x_{i+1+u}, mixed with the base state
+        h_base_{i+u} that predicts the same token. For T = 5, N = 2, every position:
 
             position i          0    1    2    3    4
             pass u=0: input   <end><end><end><end><end>      predicts x1 x2 x3 x4 (-)
-            pass u=1: input     x1   x2   x3   x4   (pad)    predicts x2 x3 x4 (-) (-)
+            pass u=1: input     x1   x2   x3   x4  (x4)      predicts x2 x3 x4 (-) (-)
             base state used    h_base_{i+u}: h0..h3 for u=0, h1..h3 for u=1
 
-        -> {"logp": (B*M, N, T-1) log-prob of x_{i+1+u} after the thought at i (0 past the end),
-            "mix_weight": (B*M, N, T-1) mixing weight of that prediction (0 past the end)}"""
-        T, N = tokens.shape[1], min(self.config.n_true, tokens.shape[1] - 1)
+        -> {"logp": (B*M, N, K) log-prob of x_{i+1+u} after the thought at i, mixed (0 past the end),
+            "logp_thought": the same from the post-thought prediction alone (no gradient unless
+                            thought_nll_weight > 0), "mix_weight": (B*M, N, K) the mixing weight used}"""
+        cfg, T = self.config, tokens.shape[1]
         streams = tokens.repeat_interleave(n_thoughts, dim=0)                    # (B*M, T)
         h_base = h_base.repeat_interleave(n_thoughts, dim=0)                     # (B*M, T, D)
+        at = cache.at if cache.at is not None else torch.arange(T, device=tokens.device).expand(len(streams), T)
+        rows = torch.arange(len(streams), device=tokens.device)[:, None].expand_as(at)    # (B*M, K)
         _, end = self.marker_embeddings()
-        x = end.expand(streams.shape[0], T, -1)
-        logp = upcast(h_base.new_zeros(streams.shape[0], N, T - 1))
-        mix_weight = torch.zeros_like(logp)
-        for u in range(N):
-            h = self._pass(x, self.end_offset + u, cache)[:, :T - 1 - u]          # (B*M, T-1-u, D)
-            w = self.mixing_head(h_base[:, u:T - 1], h)                           # (B*M, T-1-u, 1)
-            h_mixed = mix(h_base[:, u:T - 1], h, w)
-            logp[:, u, :T - 1 - u] = self._token_logp(h_mixed, streams[:, 1 + u:])
-            mix_weight[:, u, :T - 1 - u] = w[..., 0]
-            if u + 1 < N:  # next input at position i: the true token x_{i+1+u} (dummy past the end)
-                x = self.embed_ids(F.pad(streams[:, 1 + u:], (0, 1 + u)))
-        return {"logp": logp, "mix_weight": mix_weight}
+        x = end.expand(*at.shape, -1)
+        out = {"logp": [], "logp_thought": [], "mix_weight": []}
+        for u in range(min(cfg.n_true, T - 1)):
+            h = self._pass(x, self.end_offset + u, cache)                          # (B*M, K, D)
+            inside = at + 1 + u <= T - 1                                           # x_{i+1+u} exists
+            r, i = rows[inside], at[inside] + u                                    # (n,) each: row, position i+u
+            h_thought, h_same = h[inside], h_base[r, i]                            # (n, D) both predict x_{i+1+u}
+            w = self.mixing_head(h_same, h_thought)                                # (n, 1)
+            values = {"logp": self._token_logp(mix(h_same, h_thought, w), streams[r, i + 1]), "mix_weight": w[:, 0]}
+            with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.thought_nll_weight > 0):
+                values["logp_thought"] = self._token_logp(h_thought, streams[r, i + 1])
+            for name, value in values.items():
+                full = upcast(h.new_zeros(at.shape))
+                full[inside] = value.to(full.dtype)
+                out[name].append(full)
+            x = self.embed_ids(streams[rows, (at + 1 + u).clamp(max=T - 1)])      # next input: x_{i+1+u}
+        return {name: torch.stack(v, dim=1) for name, v in out.items()}
+
+    def rewards(self, tokens: Tensor, target_ok: Tensor, logp_base: Tensor, talk: dict, positions: Tensor,
+                n_thoughts: int) -> tuple[dict[str, Tensor], Tensor]:
+        """Step 4 for talk()'s streams at positions (B, K): {"mixed", "thought"}: each (B*M, K), the reward from the
+        mixed and from the post-thought prediction; and which true tokens count, scored (B*M, N, K)."""
+        N = talk["logp"].shape[1]
+        scored = at_streams(F.pad(talk_targets(tokens, target_ok, self.model.config.eos_ids, N), (0, 1)), positions)
+        base = torch.stack([at_streams(F.pad(logp_base.detach(), (0, N)), positions + u) for u in range(N)], dim=1)
+        scored, base = scored.repeat_interleave(n_thoughts, dim=0), base.repeat_interleave(n_thoughts, dim=0)
+        return {"mixed": thought_rewards(talk["logp"], base, scored),
+                "thought": thought_rewards(talk["logp_thought"], base, scored)}, scored
 
     def forward(self, tokens: Tensor, loss_mask: Tensor | None = None, think: bool = True) -> dict[str, Tensor]:
-        """tokens (B, T) -> {loss, policy_term, nll_base, nll_thought, nll_talk, reinforce, reward_mean,
-        mix_weight_mean}; policy_term = policy_weight * reinforce is the part of loss that REINFORCE adds.
+        """tokens (B, T) -> {loss, policy_term, nll_base, nll_thought, nll_talk, nll_unmixed, reinforce,
+        reward_mean, mix_weight_mean, and with M >= 2 reward_gap_mixed, reward_gap_thought, reward_agreement};
+        policy_term = policy_weight * reinforce is the part of loss that REINFORCE adds.
 
         loss_mask (B, T): False for padding; a token that is False is never a target. Documents packed into
         one window are separated by EOS: a thought is never scored on the tokens of the next document.
@@ -381,72 +464,39 @@ class QuietStar(nn.Module):
         nll_base = masked_mean(-logp_base, target_ok)
         if not think:
             return {"loss": nll_base, "nll_base": nll_base.detach()}
+        # where to think: every position (the paper), or the fraction Q where the base prediction is least sure
+        at = None
+        if cfg.think_fraction is not None:
+            with torch.no_grad():
+                at = select_positions(self.model.lm_head(h_base[:, :-1]), target_ok, cfg.think_fraction)
+        positions = torch.arange(T, device=tokens.device).expand(B, T) if at is None else at      # (B, K)
+        K = positions.shape[1]
         # 2. think: one thought per stream, M streams per position
-        _, thought_logp = self.think(tokens, cache, M)                             # (B*M, T)
+        _, thought_logp = self.think(tokens, cache, M, at=at)                      # (B*M, K)
         # 3. talk: <end>, then the next N true tokens, each mixed with its base prediction
-        talk = self.talk(tokens, h_base, cache, M)                                 # (B*M, N, T-1) each
-        scored = talk_targets(tokens, target_ok, self.model.config.eos_ids, cfg.n_true).repeat_interleave(M, dim=0)
-        # 4. reward of each thought, and 5. the losses
-        reward = thought_rewards(talk["logp"], logp_base.detach().repeat_interleave(M, dim=0), scored)
-        nll_talk = torch.stack([masked_mean(-talk["logp"][:, u, :T - 1 - u], scored[:, u, :T - 1 - u])
-                                for u in range(talk["logp"].shape[1])]).mean()
-        valid = F.pad(target_ok, (0, 1)).view(B, 1, T)                          # positions with a next token
-        reinforce = reinforce_loss(reward.view(B, M, T), thought_logp.view(B, M, T), valid,
-                                   cfg.clip_negative_advantage)
+        talk = self.talk(tokens, h_base, cache, M)                                 # (B*M, N, K) each
+        # 4. reward of each thought, from the mixed prediction (the paper) or the post-thought one (reward_from)
+        rewards, scored = self.rewards(tokens, target_ok, logp_base, talk, positions, M)   # (B*M, K), (B*M, N, K)
+        N = scored.shape[1]
+        # 5. the losses
+        nll_talk, nll_unmixed = (torch.stack([masked_mean(-talk[key][:, u], scored[:, u]) for u in range(N)]).mean()
+                                 for key in ("logp", "logp_thought"))
+        valid = at_streams(F.pad(target_ok, (0, 1)), positions).view(B, 1, K)     # positions with a next token
+        reinforce = reinforce_loss(rewards[cfg.reward_from].view(B, M, K), thought_logp.view(B, M, K), valid,
+                                   cfg.clip_negative_advantage, cfg.group_std)
         policy_term = cfg.policy_weight * reinforce
-        loss = cfg.base_loss_weight * nll_base + (1 - cfg.base_loss_weight) * nll_talk + policy_term
-        valid_rows = valid.expand(B, M, T).reshape(B * M, T)
-        ok_rows = target_ok.repeat_interleave(M, dim=0)
+        loss = (cfg.base_loss_weight * nll_base + (1 - cfg.base_loss_weight) * nll_talk +
+                cfg.thought_nll_weight * nll_unmixed + policy_term)
+        valid_rows = valid.expand(B, M, K).reshape(B * M, K)
         return {
             "loss": loss,
             "policy_term": policy_term,
             "nll_base": nll_base.detach(),                                        # next token, no thought
-            "nll_thought": masked_mean(-talk["logp"][:, 0], ok_rows).detach(),    # next token, after a thought
+            "nll_thought": masked_mean(-talk["logp"][:, 0], valid_rows).detach(),  # next token, after a thought
             "nll_talk": nll_talk.detach(),                                        # mean over the N true tokens
+            "nll_unmixed": nll_unmixed.detach(),                                  # the same, post-thought alone
             "reinforce": reinforce.detach(),
-            "reward_mean": masked_mean(reward, valid_rows),                      # gain over no thought
-            "mix_weight_mean": masked_mean(talk["mix_weight"][:, 0], ok_rows).detach(),
+            "reward_mean": masked_mean(rewards[cfg.reward_from], valid_rows),    # gain over no thought
+            "mix_weight_mean": masked_mean(talk["mix_weight"][:, 0], valid_rows).detach(),
+            **reward_sources(rewards, valid_rows.view(B, M, K)[:, 0], M),
         }
-
-    # ---- public helpers: sampling, fixed thoughts, per-token scores -------------------------------------
-
-    @torch.no_grad()
-    def sample_thoughts(self, tokens: Tensor) -> Tensor:
-        """tokens (B, T) -> one sampled thought per position, ids (B, T, L)."""
-        _, cache = self.base_pass(tokens)
-        return self.think(tokens, cache, 1)[0]
-
-    def _end_hidden(self, tokens: Tensor, thought_ids: Tensor | None):
-        """One thought per position, up to <end>: -> h_base, h_end (B, T, D) and the thought ids (B, T, L)."""
-        h_base, cache = self.base_pass(tokens)
-        ids, _ = self.think(tokens, cache, 1, thought_ids)
-        _, end = self.marker_embeddings()
-        return h_base, self._pass(end.expand(*tokens.shape, -1), self.end_offset, cache), ids
-
-    def thought_logits(self, tokens: Tensor, thought_ids: Tensor) -> Tensor:
-        """tokens (B, T), thought_ids (B, T, L) -> LM-head logits (B, T, V) of the hidden state at <end>
-        (before mixing): what each position predicts for x_{i+1} right after its own thought."""
-        if thought_ids.shape != (*tokens.shape, self.config.thought_len):
-            raise ValueError(f"thought_ids must be (B, T, thought_len) = {(*tokens.shape, self.config.thought_len)}, "
-                             f"got {tuple(thought_ids.shape)}")
-        return self.model.lm_head(self._end_hidden(tokens, thought_ids)[1])
-
-    @torch.no_grad()
-    def predict(self, tokens: Tensor, thought_ids: Tensor | None = None) -> dict[str, Tensor]:
-        """What every position i predicts for x_{i+1}, without and with a thought (one sampled per position).
-
-        -> h_base, h_mixed (B, T, D): LM-head inputs (apply self.model.lm_head for logits);
-           mix_weight (B, T); thought_ids (B, T, L)."""
-        h_base, h_end, ids = self._end_hidden(tokens, thought_ids)
-        mix_weight = self.mixing_head(h_base, h_end)
-        return {"h_base": h_base, "h_mixed": mix(h_base, h_end, mix_weight), "mix_weight": mix_weight[..., 0],
-                "thought_ids": ids}
-
-    @torch.no_grad()
-    def token_scores(self, tokens: Tensor, thought_ids: Tensor | None = None) -> dict[str, Tensor]:
-        """Per-token view, for evaluation and the thoughts page: nll_base and nll_thought (B, T-1), the NLL
-        of x_{i+1} without / after the thought at i; mix_weight (B, T-1); thought_ids (B, T, L)."""
-        p = self.predict(tokens, thought_ids)
-        nll = {name: -self._token_logp(p[h][:, :-1], tokens[:, 1:])
-               for name, h in (("nll_base", "h_base"), ("nll_thought", "h_mixed"))}
-        return nll | {"mix_weight": p["mix_weight"][:, :-1], "thought_ids": p["thought_ids"]}

@@ -23,13 +23,28 @@ import torch
 
 import fast
 from data import TokenWindows, arithmetic_texts, bare_answer_spans, parse_kinds, read_texts
-from eval import PREDICTORS, compare_thoughts, filler_token_id, score_thoughts
+from eval import evaluation_row, filler_token_id
 from machinery import gpu, parallel
 from machinery.checkpoint import crash_point
 from machinery.cli import UsageError, check, fail
 from machinery.hf_io import load_model_folder, load_pretrained, load_quietstar_parts
-from machinery.run import (MetricsLog, Run, StopRequest, describe, finish, format_eval, gradient_split, interrupted,
-                           launch, lock_run_folder, resume_optimizer, save_checkpoint, say, start_run, stop_on_nan)
+from machinery.run import (
+    MetricsLog,
+    Run,
+    StopRequest,
+    describe,
+    finish,
+    format_eval,
+    gradient_split,
+    interrupted,
+    launch,
+    lock_run_folder,
+    resume_optimizer,
+    save_checkpoint,
+    say,
+    start_run,
+    stop_on_nan,
+)
 from machinery.run import build_parser as build_run_parser
 from machinery.run import parse_args as parse_run_args
 from qstar import QuietStar, QuietStarConfig
@@ -38,7 +53,7 @@ from qstar import QuietStar, QuietStarConfig
 
 @dataclass
 class TrainConfig:
-    preset: str = "cpu"             # cpu: the quick start; think: aimed at bare answers (does not win here); paper: Mistral-7B
+    preset: str = "cpu"             # cpu: the quick start; think, content: aimed at bare answers (docs/results.md); paper: 7B
     model: str = "smollm2-135m"     # built-in short name, a local Hugging Face folder or a Hub id
     data: str = "arithmetic"        # arithmetic (built in) | a .txt or .jsonl file | a Hub dataset name
     bare_fraction: float = 0.0      # arithmetic: the fraction of problems answered bare ("A: 47.") instead of worked
@@ -101,6 +116,12 @@ PRESETS = {
     "think": dict(bare_fraction=0.5, plain_steps=200, plain_batch_size=8, max_steps=260, batch_size=2, seq_len=64,
                   lr=1e-4, lr_mixing_head=1e-3, lr_markers=1e-5, policy_weight=10.0, thought_len=12, n_true=4,
                   n_thoughts=2, eval_interval=130, eval_windows=4, eval_answers=16, save_interval=50),
+    # Issue 20's levers (docs/results.md): thoughts at the 20% least sure positions, 4 there, rewarded by the
+    # post-thought prediction alone (RLP), which learns to continue a thought (NLL 0.5); a mixing weight in [0, 1].
+    "content": dict(bare_fraction=0.5, plain_steps=60, plain_batch_size=8, max_steps=110, batch_size=2, lr=1e-4,
+                    lr_markers=1e-4, think_at="entropy:0.2", n_thoughts=4, thought_len=12, n_true=4,
+                    reward_from="thought", thought_nll_weight=0.5, bounded_mixing=True, eval_interval=25,
+                    eval_windows=4, eval_answers=64, save_interval=25),
     # The authors' run (docs/official_code.md): Mistral-7B-v0.1, OpenWebMath, 256-token windows, 8 documents per
     # step, n_ahead 12 (9 thought tokens), n_ahead_talk 4, n_passes 2, lr 1e-6, 20 warm-up steps, ~100 steps.
     "paper": dict(model="mistralai/Mistral-7B-v0.1", data="open-web-math/open-web-math", max_steps=100,
@@ -110,7 +131,7 @@ PRESETS = {
 }
 # Settings a resumed run cannot change: they define the model, its parameters or the thought's shape.
 FIXED_ON_RESUME = ("model", "lora_rank", "lora_alpha", "thought_len", "n_thoughts", "n_true", "marker_init",
-                   "marker_grad_scale", "mixing_hidden", "preset")
+                   "marker_grad_scale", "mixing_hidden", "bounded_mixing", "preset")
 
 def build_parser():
     return build_run_parser(TrainConfig, __doc__)
@@ -239,24 +260,16 @@ def train_step(run: Run, step: int) -> dict:
 
 @torch.no_grad()
 def evaluate(run: "Run") -> dict:
-    """Held-out NLL of the next token with no thought, the sampled thought and the two controls (eval.py says
-    why), on consecutive windows (all tokens and the hardest 10%) and on windows aligned on the bare answers."""
-    qs = run.qs
+    """Held-out NLLs with and without thoughts, the controls, the oracle, the content measures: eval.evaluation_row
+    on each held-out set (consecutive windows; windows aligned on the bare answers)."""
+    qs, row = run.qs, {}
     qs.eval()
     torch.manual_seed(run.cfg.seed)
-    row = {}
     with run.autocast(), parallel.gathered(qs, run.ranks):
         for name, (windows, focus) in run.val.items():
-            scores = score_thoughts(qs, torch.from_numpy(windows).to(run.device), run.filler_id, batch_size=4)
+            row |= evaluation_row(qs, run.tokenizer, name, torch.from_numpy(windows).to(run.device),
+                                  torch.from_numpy(focus), run.filler_id)
             crash_point("eval")                     # tests/test_crash.py: a SIGKILL during evaluation
-            result = compare_thoughts(scores, torch.from_numpy(focus[:, 1:]) if name == "answer" else None)
-            for prefix, subset in ({"eval_answer_": "focus"} if name == "answer" else
-                                   {"eval_": "all", "eval_hard_": "hard"}).items():
-                if subset in result:
-                    row |= {f"{prefix}nll_{p}": round(result[subset]["nll"][p], 6) for p in PREDICTORS}
-                    row[f"{prefix}diff"] = {k: [round(x, 6) for x in v] for k, v in result[subset]["diff"].items()}
-            if name == "text":
-                row["eval_mix_weight"] = round(result["mix_weight"], 6)
     qs.train()
     return row
 

@@ -2,6 +2,7 @@
 
     python -m machinery.bench            # the full grid (tiny and SmolLM2-135M dimensions, n up to 1024): ~40 min on 2 cores
     python -m machinery.bench --quick    # a small grid, under 2 minutes on 2 CPU cores
+    python -m machinery.bench --think_at # SmolLM2 thinking at 10% of the positions against all of them: ~6 min
 
 Notation: the official code's names, as its timings are quoted in them: k = n_ahead = L + 3, t = n_ahead_talk = N,
 P = n_passes = M (README's L thought tokens, N true tokens, M thoughts per position).
@@ -26,6 +27,7 @@ the gap to 1.0 is made of. The last line printed is JSON.
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -151,6 +153,33 @@ def measure_step(size: str, n: int, k: int, t: int, P: int, checkpointing: bool,
             "plain_peak_gib": plain_memory, "qstar_peak_gib": qstar_memory}
 
 
+def measure_think_at(size: str, n: int, k: int, t: int, P: int, fraction: float, repeats: int, device) -> dict:
+    """Thinking where it matters: one forward+backward (no optimizer) of a Quiet-STaR step thinking at every
+    position and one thinking at the fraction Q of positions (think_at entropy:Q), same model, M, L, N and tokens,
+    timed in turn in one process. The floor: (1 + M (L + N) Q) / (1 + M (L + N)) of the passes' tokens."""
+    from qstar import QuietStar, QuietStarConfig
+    model = build(size, device)
+    tokens = torch.randint(0, model.config.vocab_size, (1, n), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    qs = fast.use(QuietStar(model, QuietStarConfig(thought_len=k - 3, n_true=t, n_thoughts=P, marker_init="x"),
+                            Tokenizer1()).to(device))
+    torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.01)
+
+    def step(think_at: str):
+        qs.config.think_at = think_at
+        with autocast:
+            loss = qs(tokens)["loss"]
+        loss.backward()
+        qs.zero_grad(set_to_none=True)
+    times = {}
+    for think_at in ("all", f"entropy:{fraction}", "all", f"entropy:{fraction}"):   # each twice, the faster kept
+        times.setdefault(think_at, []).append(timed(lambda where=think_at: step(where), device, repeats))
+    every, some = min(times["all"]), min(times[f"entropy:{fraction}"])
+    L, K = k - 3, min(n - 1, max(1, math.ceil(fraction * (n - 1))))         # as qstar.select_positions
+    return {"size": size, "n": n, "k": k, "t": t, "P": P, "fraction": fraction, "every_s": every, "some_s": some,
+            "ratio": some / every, "floor": (1 + P * (L + t) * K / n) / (1 + P * (L + t)), "times": times}
+
+
 def op_kind(name: str) -> str:
     if name in ("aten::mm", "aten::addmm", "aten::bmm"):
         return "matmuls"
@@ -191,9 +220,8 @@ def where_time_goes(size: str, n: int, k: int, t: int, P: int, checkpointing: bo
 def attention_memory(n: int, step: int, P: int = 2) -> dict:
     """Bytes one thought pass's attention keeps for backward (one layer, SmolLM2 head sizes), fast vs dense,
     counted exactly with saved-tensor hooks (each storage once; the cache tensors it reads are not counted)."""
-    from fast import thought_attention, with_summary_slot
-
     from attention_mask import thought_mask
+    from fast import thought_attention, with_summary_slot
     from model import attend
     H, K, E = 9, 3, 64
     q = torch.randn(P, H, n, E, requires_grad=True)
@@ -268,6 +296,7 @@ def run_child(kind: str, allocator: str | None = None, **kwargs) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small grid that runs in under 2 minutes")
+    parser.add_argument("--think_at", action="store_true", help="only the think_at entropy:0.1 against all table")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--allocator", default="auto", choices=["auto", "jemalloc", "glibc"],
                         help="CPU memory allocator of the measuring processes (auto: jemalloc if installed)")
@@ -284,6 +313,8 @@ def main():
             print(json.dumps(measure_step(**spec, device=device)))
         elif kind == "profile":
             print(json.dumps(where_time_goes(**spec, device=device)))
+        elif kind == "think_at":
+            print(json.dumps(measure_think_at(**spec, device=device)))
         else:
             print(json.dumps(generation_speed(**spec, device=device)))
         return
@@ -294,6 +325,7 @@ def main():
         attention = [(n, s) for n in (128, 256, 512) for s in (1, 11)]
         generation = [("tiny", 12)]
         profiles = [("tiny", 128, 12, False)]
+        think_at = [("tiny", 256, 12)]
         repeats = 3
     else:
         # SmolLM2 without checkpointing where it fits in 24 GiB (n=256, k=12: 14.2 GiB); with it beyond
@@ -302,12 +334,15 @@ def main():
         steps += [("smollm2-135m", n, 12, True) for n in (256, 512, 1024)]
         attention = [(n, s) for n in (128, 256, 512, 1024) for s in (1, 6, 11)]
         generation = [("smollm2-135m", 4), ("smollm2-135m", 12)]
+        think_at = [("smollm2-135m", 64, 12), ("smollm2-135m", 128, 12)]
         profiles = [("smollm2-135m", 256, 12, False), ("smollm2-135m", 256, 12, True), ("smollm2-135m", 1024, 12, True)]
         repeats = 3
+    if args.think_at:                                  # only that table
+        steps, profiles, attention, generation = [], [], [], []
 
     figures = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "allocator": "jemalloc" if allocator else "default",
-               "steps": [], "profiles": [], "attention": [], "generation": [], "overhead": {},
+               "steps": [], "profiles": [], "attention": [], "generation": [], "think_at": [], "overhead": {},
                "overhead_fwd_bwd": {}}
     print(f"Quiet-STaR training step vs plain step ({device}, {torch.get_num_threads()} threads, allocator "
           f"{figures['allocator']}; t=4, P=2, 1 document)")
@@ -328,7 +363,7 @@ def main():
               f"{r['plain_s']:>8.3f} {r['qstar_s']:>8.2f} "
               f"{r['qstar_tokens_per_s']:>7.1f} {r['plain_peak_gib']:>9.2f} {r['qstar_peak_gib']:>9.2f}")
 
-    if device.type == "cpu":
+    if device.type == "cpu" and profiles:
         print("\nWhere the time goes: profiler self time (s) of one forward+backward, no optimizer; the profiler "
               "adds a little to each op")
         print(f"{'size':13} {'n':>5} {'k':>3} {'ckpt':>4} {'':17} {'qstar':>8} {'passes x plain':>14} {'ratio':>6}")
@@ -343,6 +378,17 @@ def main():
                             for d in (r["qstar_s"], r["plain_x_passes_s"]))
                 print(f"{size:13} {n:>5} {k:>3} {'yes' if checkpointing else 'no':>4} {kind:>17} {q:>8.2f} "
                       f"{plain:>14.2f} {q / plain:>6.3f}")
+
+    print("\nThinking where it matters: fwd+bwd of a step thinking at the fraction Q = 0.1 of positions (think_at "
+          "entropy:0.1) over one thinking at all of them; floor = (1 + M (L+N) Q) / (1 + M (L+N))")
+    print(f"{'size':13} {'n':>5} {'k':>3} {'Q=1 s':>8} {'Q=0.1 s':>8} {'ratio':>6} {'floor':>6}")
+    for size, n, k in think_at:
+        r = run_child("think_at", allocator, size=size, n=n, k=k, t=4, P=2, fraction=0.1, repeats=1)
+        figures["think_at"].append(r)
+        if "error" in r:
+            print(f"{size:13} {n:>5} {k:>3}  failed: {r['error']}")
+            continue
+        print(f"{size:13} {n:>5} {k:>3} {r['every_s']:>8.2f} {r['some_s']:>8.2f} {r['ratio']:>6.3f} {r['floor']:>6.3f}")
 
     print("\nAttention of one thought pass, one layer (9 query / 3 KV heads of 64, P=2): memory kept for backward")
     print(f"{'n':>5} {'step':>4} {'fast MiB':>9} {'dense MiB':>10} {'fast ms':>8} {'dense ms':>9}")

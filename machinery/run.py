@@ -319,16 +319,25 @@ def finish(run: Run, seconds: float, steps: int):
 
 
 def format_eval(row: dict) -> str:
-    """One line per token set: NLL none / sampled / filler / shuffled, then sampled minus each, with 95% CIs."""
+    """One line per token set: the predictors' NLLs (eval.py: PREDICTORS), then the contrasts with 95% CIs; the
+    content reward and how often a thought before a bare answer writes it."""
     lines = []
     for prefix, label in (("eval_", "all tokens"), ("eval_hard_", "hardest 10%"), ("eval_answer_", "bare answers")):
         if f"{prefix}nll_none" in row:
-            nlls = " / ".join(f"{row[f'{prefix}nll_{p}']:.4f}" for p in PREDICTORS)
-            diffs = ", ".join(f"{k.split('-')[1]} {m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-                              for k, (m, lo, hi) in row[f"{prefix}diff"].items())
-            lines.append(f"{label:>12}: NLL none / sampled / filler / shuffled {nlls}; sampled minus: {diffs}")
+            shown = [p for p in PREDICTORS if f"{prefix}nll_{p}" in row]
+            nlls = " / ".join(f"{row[f'{prefix}nll_{p}']:.4f}" for p in shown)
+            diffs = {k: f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for k, (m, lo, hi) in row[f"{prefix}diff"].items()}
+            sampled = ", ".join(f"{k.split('-')[1]} {v}" for k, v in diffs.items() if k.startswith("sampled-"))
+            oracle = f"; oracle minus none: {diffs['oracle-none']}" if "oracle-none" in diffs else ""
+            lines.append(f"{label:>12}: NLL {' / '.join(shown)} {nlls}; sampled minus: {sampled}{oracle}")
+    if "eval_content_reward" in row:
+        lines.append("content reward (sampled - shuffled thought): " + ", ".join(
+            f"{k} {m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for k, (m, lo, hi) in row["eval_content_reward"].items()))
+    if "eval_thought_accuracy" in row:
+        sampled, shuffled, n = row["eval_thought_accuracy"]
+        lines.append(f"thoughts before a bare answer that write it: {sampled:.3f} (another problem's: {shuffled:.3f}; "
+                     f"n = {n})")
     return "\n    ".join(lines)
-
 
 
 # ---- the machine ------------------------------------------------------------------------------------------

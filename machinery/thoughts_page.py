@@ -12,7 +12,10 @@ PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4
 GROUPS = [("Training losses", ["loss", "nll_base", "nll_thought", "nll_talk", "reinforce"]),  # (title, keys)
           ("Reward and mixing weight", ["reward_mean", "mix_weight_mean"]),
           ("Held-out NLL: no thought, sampled, filler, shuffled",  # also picks up any other "eval_*nll*" key
-           ["eval_nll_none", "eval_nll_sampled", "eval_nll_filler", "eval_nll_shuffled"])]
+           ["eval_nll_none", "eval_nll_sampled", "eval_nll_filler", "eval_nll_shuffled"]),
+          ("Thoughts before a bare answer that write it (fraction)",
+           ["thought_accuracy_sampled", "thought_accuracy_shuffled"]),
+          ("Content reward: sampled minus shuffled thought (nats)", ["content_reward_thought", "content_reward_mixed"])]
 DASHES = {"_none": "5 3", "_filler": "2 2", "_shuffled": "8 3 2 3", "_base": "5 3"}  # by name suffix; else solid
 CSS = """
 body{font-family:system-ui,"Segoe UI","DejaVu Sans",sans-serif;margin:24px auto;max-width:1100px;
@@ -136,11 +139,22 @@ def _chart(title, series, w=520, h=250, left=56, right=14, top=30, bottom=40):
     return f'<figure>{"".join(out)}</svg><figcaption>{"".join(keys)}</figcaption></figure>'
 
 
+def _content(row):
+    """The content measures of an eval row (lists in metrics.jsonl) as plain numbers, for the charts."""
+    out = dict(row)
+    accuracy, reward = row.get("eval_thought_accuracy"), row.get("eval_content_reward")
+    if isinstance(accuracy, list) and len(accuracy) >= 2:
+        out["thought_accuracy_sampled"], out["thought_accuracy_shuffled"] = accuracy[0], accuracy[1]
+    if isinstance(reward, dict):
+        out |= {f"content_reward_{k}": v[0] for k, v in reward.items() if isinstance(v, list) and v}
+    return out
+
+
 def _curves_section(metrics):
-    rows = [r for r in (metrics or []) if isinstance(r, dict) and _finite(r.get("step"))]
+    rows = [_content(r) for r in (metrics or []) if isinstance(r, dict) and _finite(r.get("step"))]
     extra = sorted({k for r in rows for k in r if k.startswith("eval_") and "nll" in k} - set(GROUPS[2][1]))
     charts = []
-    for title, keys in GROUPS[:2] + [(GROUPS[2][0], GROUPS[2][1] + extra)]:
+    for title, keys in GROUPS[:2] + [(GROUPS[2][0], GROUPS[2][1] + extra)] + GROUPS[3:]:
         series = {k: pts for k in keys if (pts := [(r["step"], r[k]) for r in rows if _finite(r.get(k))])}
         charts += [_chart(title, series)] if series else []
     return (f'<div class="charts">{"".join(charts)}</div>' if charts

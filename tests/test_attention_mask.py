@@ -48,9 +48,23 @@ def test_causal_mask_with_cache_is_the_bottom_rows():
 
 
 def test_thought_mask_drawings_in_the_docstring():
-    no_window, with_window = docstring_drawings(thought_mask)
+    no_window, with_window, selected = docstring_drawings(thought_mask)
     assert torch.equal(thought_mask(3, offset=2), no_window)
     assert torch.equal(thought_mask(4, offset=2, window=3), with_window)
+    assert torch.equal(thought_mask(4, offset=1, at=torch.tensor([[1, 3]])), selected[None, None])
+
+
+@pytest.mark.parametrize("T,offset,window", [(7, 3, None), (6, 2, 4), (6, 4, 2)])
+def test_thought_mask_at_selected_positions_is_the_full_mask_restricted(T, offset, window):
+    """Streams at positions at (B, K): the rows at[b] of the full mask, with each thought block's columns at[b]."""
+    full = thought_mask(T, offset, window)
+    at = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    sub = thought_mask(T, offset, window, at=at)
+    assert sub.shape == (2, 1, 3, T + 3 * offset)
+    for b in range(2):
+        columns = torch.cat([torch.arange(T)] + [T * p + at[b] for p in range(1, offset + 1)])
+        assert torch.equal(sub[b, 0], full[at[b]][:, columns])
+    assert torch.equal(thought_positions(T, offset, at=at), at + offset)
 
 
 def test_thought_mask_T3_offset1():

@@ -10,6 +10,7 @@ from conftest import tiny_model, word_tokenizer
 from torch.overrides import TorchFunctionMode
 
 import fast as fast_twins
+from eval import token_scores
 from generate import generate_with_thoughts
 from qstar import QuietStar, QuietStarConfig
 
@@ -43,6 +44,6 @@ def test_a_training_step_and_thinking_generation_name_their_devices(fast, checkp
     with ExplicitDevicesOnly():
         out = qs(tokens)
         out["loss"].backward()
-        qs.token_scores(tokens)
+        token_scores(qs, tokens)
         generate_with_thoughts(qs, tokenizer, "w4 w5 w6", max_new_tokens=3, temperature=1.0, seed=0)
     assert torch.isfinite(out["loss"]) and qs.markers.stored.grad is not None

@@ -10,6 +10,7 @@ import torch
 from conftest import FavouriteTokensHead, tiny_model
 
 import eval as qeval
+from eval import sample_thoughts, thought_logits, token_scores
 from generate import generate_with_thoughts
 from machinery import hf_io
 from machinery.hf_io import load_pretrained, save_quietstar
@@ -115,7 +116,7 @@ def by_hand(qs, tokenizer, task, rows, force_weight=None):
             if force_weight is None:
                 logits = qs.model(tokens)[0]
             else:
-                logits = qs.thought_logits(tokens, qs.sample_thoughts(tokens))[0]
+                logits = thought_logits(qs, tokens, sample_thoughts(qs, tokens))[0]
         product = 1.0
         for j in range(n_prompt, len(ids)):
             if ids[j] in allowed:
@@ -149,7 +150,8 @@ def test_zero_mixing_weight_gives_the_no_thought_scores(tiny_qstar, monkeypatch)
     for task, rows in (("gsm8k", GSM8K_ROWS), ("csqa", CSQA_ROWS)):
         result = qeval.answer_scores(qs, tokenizer, task, rows)
         assert result["thoughts"] == result["no_thoughts"]
-    scores = qeval.score_thoughts(qs, torch.randint(0, 1000, (3, 16)), filler_id=13, batch_size=2)
+    windows = torch.randint(0, 1000, (3, 16))
+    scores = qeval.score_thoughts(qs, windows, filler_id=13, batch_size=2, oracle=torch.randint(0, 1000, (3, 16, qs.config.thought_len)))
     for p in qeval.PREDICTORS:
         assert torch.equal(scores[p], scores["none"])
 
@@ -162,14 +164,14 @@ def test_controls_are_the_filler_and_another_windows_thought(tiny_qstar):
     torch.manual_seed(5)
     scores = qeval.score_thoughts(qs, windows, filler_id=13, batch_size=2)
     torch.manual_seed(5)                                  # the same samples: one batch of 2, then one of 1
-    sampled = torch.cat([qs.token_scores(windows[:2])["thought_ids"], qs.token_scores(windows[2:])["thought_ids"]])
+    sampled = torch.cat([token_scores(qs, windows[:2])["thought_ids"], token_scores(qs, windows[2:])["thought_ids"]])
     filler = torch.full_like(sampled, 13)
     # batches of 2 and 1 against one of 3, fp32 NLLs ~11: a log-sum-exp of 49152 logits in another order is off by
     # ~20 roundings (1e-6; measured 0): 1e-5, no relative part. Other thoughts move them by 3e-4 here (the last one).
-    assert torch.allclose(scores["filler"], qs.token_scores(windows, filler)["nll_thought"], atol=1e-5, rtol=0)
+    assert torch.allclose(scores["filler"], token_scores(qs, windows, filler)["nll_thought"], atol=1e-5, rtol=0)
     donors = sampled[[1, 2, 0]]                           # window n gets window n+1's thoughts
-    assert torch.allclose(scores["shuffled"], qs.token_scores(windows, donors)["nll_thought"], atol=1e-5, rtol=0)
-    assert torch.allclose(scores["sampled"], qs.token_scores(windows, sampled)["nll_thought"], atol=1e-5, rtol=0)
+    assert torch.allclose(scores["shuffled"], token_scores(qs, windows, donors)["nll_thought"], atol=1e-5, rtol=0)
+    assert torch.allclose(scores["sampled"], token_scores(qs, windows, sampled)["nll_thought"], atol=1e-5, rtol=0)
     assert not torch.allclose(scores["sampled"], scores["filler"], atol=1e-5, rtol=0)
     single = qeval.donor_thoughts(sampled[:1])           # one window: the thought half a window away
     assert torch.equal(single[0, 5], sampled[0, 0]) and torch.equal(single[0, 0], sampled[0, 5])
@@ -280,7 +282,8 @@ def test_eval_cli_writes_json_with_both_sides(tiny_qstar, tmp_path, monkeypatch,
     text.write_text(json.dumps({"text": "one two three four five six seven eight nine ten " * 8}) + "\n")
     assert qeval.main(["--task=nll", f"--data={text}", f"--out={out}", "--seq_len=16"]) == 0
     result = json.loads(out.read_text())
-    assert set(result["text"]["all"]["nll"]) == set(qeval.PREDICTORS) and "answers" not in result
+    assert set(result["text"]["all"]["nll"]) == set(qeval.PREDICTORS) - {"oracle"} and "answers" not in result
+    assert set(result["content_reward"]) == {"mixed", "thought"}
     assert set(result["text"]["hard"]["diff"]) == {"sampled-none", "sampled-filler", "sampled-shuffled"}
     assert qeval.main(["--task=nll", "--data=arithmetic", "--limit=12", f"--out={out}", "--seq_len=32"]) == 0
     result = json.loads(out.read_text())
@@ -309,3 +312,39 @@ def test_thoughts_page_command_on_a_checkpoint(tiny_qstar, tmp_path):
     assert qeval.main([f"--model={tmp_path}", "--task=thoughts", "--data=arithmetic", "--seq_len=24"]) == 0
     page = (tmp_path / "thoughts.html").read_text()
     assert page.count('class="tok"') == 24 and "<svg" in page
+
+
+def test_worked_steps_read_back_every_kind_of_problem():
+    """The generator's own worked twin (same random numbers, bare=False) is the expected value."""
+    import random
+
+    from data import KINDS, arithmetic_problem, worked_steps
+    for kind in KINDS:
+        for seed in range(50):
+            bare = arithmetic_problem(random.Random(seed), bare=True, kinds=(kind,))
+            worked = arithmetic_problem(random.Random(seed), bare=False, kinds=(kind,))
+            assert worked_steps(bare) == worked.split("\nA: ")[1].split(" The answer")[0], (kind, bare)
+    assert worked_steps("Q: What is the capital of France?\nA:") is None
+
+
+def test_oracle_thought_is_the_last_worked_step_before_each_answer_digit():
+    _, tokenizer = load_pretrained("smollm2-135m")
+    text = ("Q: Ben has 46 books, buys 4 bags with 8 books each, then gives away 22. How many books does Ben have "
+            "now?\nA: 56.\n")
+    ids = tokenizer.encode(text).ids
+    enc = tokenizer.encode(text)
+    digits = [j for j, (a, b) in enumerate(enc.offsets) if text[a:b].strip() in ("5", "6", "56") and a > len(text) - 8]
+    windows = torch.tensor([ids])
+    focus = torch.zeros(1, len(ids) - 1, dtype=torch.bool)
+    focus[0, [d - 1 for d in digits]] = True                    # position i predicts the digit x_{i+1}
+    filler = qeval.filler_token_id(tokenizer)
+    step = tokenizer.encode("78-22=56.", add_special_tokens=False).ids   # 46 + 4*8 = 78, 78 - 22 = 56: by hand
+    oracle, found = qeval.oracle_thoughts(tokenizer, windows, focus, len(step) + 2, filler)
+    assert found.tolist() == [True]
+    for i in range(len(ids)):
+        expected = [filler, filler] + step if i < len(ids) - 1 and focus[0, i] else [filler] * (len(step) + 2)
+        assert oracle[0, i].tolist() == expected, i
+    short, _ = qeval.oracle_thoughts(tokenizer, windows, focus, 3, filler)   # too long: its last tokens, the answer
+    assert short[0, digits[0] - 1].tolist() == step[-3:]
+    cut, found = qeval.oracle_thoughts(tokenizer, windows[:, -6:], focus[:, -5:], 4, filler)   # question cut off
+    assert found.tolist() == [False] and (cut == filler).all()

@@ -66,5 +66,8 @@ def test_a_minimal_core():
             closure.add(name)
             todo += g[name]
     lines = {name: len(project_modules()[name].read_text().splitlines()) for name in closure}
-    assert sum(lines.values()) <= 800, lines                          # qstar.py and all it imports
+    # qstar.py and all it imports. 800 after the layout's cut (1,770 lines before); issue 20 added thinking at
+    # selected positions, group advantages, the second reward source and the bounded mixing weight (+56 net, the
+    # evaluation helpers having moved to eval.py): 860 keeps the core "a few hundred lines" and stops further growth.
+    assert sum(lines.values()) <= 860, lines
     assert len((ROOT / "train.py").read_text().splitlines()) <= 350

@@ -7,8 +7,17 @@ import torch
 from conftest import FavouriteTokensHead, tiny_model, word_tokenizer
 
 import fast
+from eval import sample_thoughts, thought_logits, token_scores
 from machinery.hf_io import load_quietstar, save_quietstar
-from qstar import QuietStar, QuietStarConfig, advantages, reinforce_loss, talk_targets, thought_rewards
+from qstar import (
+    QuietStar,
+    QuietStarConfig,
+    advantages,
+    at_streams,
+    reinforce_loss,
+    talk_targets,
+    thought_rewards,
+)
 
 V, B, T, L = 37, 2, 9, 3
 
@@ -37,7 +46,7 @@ def test_parallel_thoughts_equal_naive_reference(fast_paths, window):
     qs = make_qstar(window=window, fast_paths=fast_paths)
     tokens, thought_ids = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T, L))
     with torch.no_grad():
-        parallel, naive = qs.thought_logits(tokens, thought_ids), naive_thought_logits(qs, tokens, thought_ids)
+        parallel, naive = thought_logits(qs, tokens, thought_ids), naive_thought_logits(qs, tokens, thought_ids)
     diff = (parallel - naive).abs().max().item()
     # logits <= ~1: fp32 sums of <= 40 terms through 2 layers, in another order (measured 3e-7); 1e-5 is ~30x
     # that. Thoughts shifted by one position move them by 1.1.
@@ -49,8 +58,8 @@ def loss_and_grads(qs, tokens, seed=5, thoughts=None):
     whose logits differ in the last bits can sample differently (a token flips when u lands in the rounding gap)."""
     torch.manual_seed(seed)  # the same uniforms in every run
     if thoughts is not None:
-        def think(tokens, cache, n_thoughts, thought_ids=None):
-            ids, logp = QuietStar.think(qs, tokens, cache, n_thoughts, thoughts.get("ids"))
+        def think(tokens, cache, n_thoughts, thought_ids=None, at=None):
+            ids, logp = QuietStar.think(qs, tokens, cache, n_thoughts, thoughts.get("ids"), at)
             thoughts.setdefault("ids", ids)
             return ids, logp
         qs.think = think
@@ -99,14 +108,21 @@ def test_fast_path_and_checkpointing_equal_dense_reference_in_fp64():
 
 
 def test_thought_rewards_by_hand():
-    """N = 2 true tokens, T - 1 = 3 targets. The thought at i gains talk[u, i] - base[i + u] on x_{i+1+u}."""
-    talk = torch.tensor([[[-1.0, -2.0, -3.0], [-0.5, -0.25, 0.0]]])         # (B*M=1, N=2, T-1=3)
-    base = torch.tensor([[-1.5, -1.0, -4.0]])                                # log p_base(x_1), (x_2), (x_3)
-    scored = torch.ones(1, 2, 3, dtype=torch.bool)
+    """N = 2 true tokens, T = 4 positions. The thought at i gains log p_talk(x_{i+1+u}) - log p_base(x_{i+1+u})."""
+    talk = torch.tensor([[[-1.0, -2.0, -3.0, 0.0], [-0.5, -0.25, 0.0, 0.0]]])  # (B*M=1, N=2, K=4), 0: no target
+    # log p_base(x_1), (x_2), (x_3) = -1.5, -1.0, -4.0; row u holds the base log-prob of x_{i+1+u}
+    base = torch.tensor([[[-1.5, -1.0, -4.0, 0.0], [-1.0, -4.0, 0.0, 0.0]]])
+    scored = torch.tensor([[[True, True, True, False], [True, True, False, False]]])
     # i=0: (-1 + 1.5) + (-0.5 + 1.0) = 1.0; i=1: (-2 + 1) + (-0.25 + 4) = 2.75; i=2: -3 + 4 = 1; i=3: none
     assert thought_rewards(talk, base, scored).tolist() == [[1.0, 2.75, 1.0, 0.0]]
     scored[0, 1, 1] = False                                                  # x_3 after the thought at 1 is
     assert thought_rewards(talk, base, scored).tolist() == [[1.0, -1.0, 1.0, 0.0]]   # in the next document
+
+
+def test_at_streams_by_hand():
+    x = torch.tensor([[[10, 11, 12, 13], [20, 21, 22, 23]], [[30, 31, 32, 33], [40, 41, 42, 43]]])  # (B=2, 2, T=4)
+    at = torch.tensor([[1, 3], [0, 2]])                                      # (B, K=2)
+    assert at_streams(x, at).tolist() == [[[11, 13], [21, 23]], [[30, 32], [40, 42]]]
 
 
 def test_advantages_by_hand():
@@ -163,11 +179,13 @@ def test_reward_carries_no_gradient():
 
 def test_mixing_at_init_equals_base():
     qs = make_qstar()
-    scores = qs.token_scores(torch.randint(0, V, (B, T)))
+    scores = token_scores(qs, torch.randint(0, V, (B, T)))
     assert torch.equal(scores["mix_weight"], torch.zeros(B, T - 1))
     assert torch.equal(scores["nll_thought"], scores["nll_base"])
     out = qs(torch.randint(0, V, (B, T)))
-    assert out["nll_thought"] == out["nll_base"] and out["reward_mean"] == 0 and out["reinforce"] == 0
+    assert out["reward_mean"] == 0 and out["reinforce"] == 0 and out["reward_gap_mixed"] == 0   # token by token
+    # the same 16 NLLs (~3.5) averaged over differently shaped tensors: fp32 rounding, 16 x 6e-8 relative at most
+    assert out["nll_thought"].item() == pytest.approx(out["nll_base"].item(), rel=1e-6)
 
 
 def test_markers_start_from_the_chosen_token_and_survive_save_and_load(tmp_path):
@@ -190,7 +208,7 @@ def test_markers_start_from_the_chosen_token_and_survive_save_and_load(tmp_path)
     assert torch.equal(loaded.mixing_head.net[-1].weight, qs.mixing_head.net[-1].weight)
     assert loaded.config == qs.config
     thoughts = torch.randint(0, V, (B, T, L))      # the same weights and ops: equal but for a kernel's order (~1e-7)
-    assert torch.allclose(loaded.thought_logits(tokens, thoughts), qs.thought_logits(tokens, thoughts), atol=1e-6)
+    assert torch.allclose(thought_logits(loaded, tokens, thoughts), thought_logits(qs, tokens, thoughts), atol=1e-6)
 
 
 @pytest.mark.parametrize("fast_paths", [False, True], ids=["plain", "fast"])
@@ -221,7 +239,7 @@ def test_thoughts_never_contain_eos_or_special_tokens(fast_paths):
     qs = fast.use(QuietStar(model, QuietStarConfig(thought_len=L, n_true=2), tokenizer), fast_paths)
     assert qs.banned_thought_ids.tolist() == [5, 36]
     model.lm_head = FavouriteTokensHead(model.config.dim, V, [5, 36])
-    ids = qs.sample_thoughts(torch.randint(0, V, (B, T)))
+    ids = sample_thoughts(qs, torch.randint(0, V, (B, T)))
     assert ids.shape == (B, T, L) and not torch.isin(ids, torch.tensor([5, 36])).any()
     out = qs(torch.randint(0, V, (B, T)))                                # the training path samples the same way
     assert torch.isfinite(out["loss"])
@@ -230,7 +248,7 @@ def test_thoughts_never_contain_eos_or_special_tokens(fast_paths):
 def test_thought_logits_rejects_wrong_shapes():
     qs = make_qstar()
     with pytest.raises(ValueError, match=r"thought_ids must be \(B, T, thought_len\)"):
-        qs.thought_logits(torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T, L + 1)))
+        thought_logits(qs, torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T, L + 1)))
 
 
 def test_a_few_steps_on_one_batch_lower_the_loss():
@@ -263,7 +281,7 @@ def test_parallel_thoughts_equal_naive_reference_on_the_real_model(dtype):
     thought_ids = torch.tensor([tok.encode(" 3 + 4 = 7").ids[:4]]).expand(tokens.shape[1], -1)[None]
     positions = [0, 5, tokens.shape[1] - 1]
     with torch.no_grad():
-        parallel = qs.thought_logits(tokens, thought_ids)
+        parallel = thought_logits(qs, tokens, thought_ids)
         naive = naive_thought_logits(qs, tokens, thought_ids)
         whole = model(tokens)
         by_prefix = torch.cat([model(tokens[:, :i + 1])[:, -1:] for i in range(tokens.shape[1])], dim=1)

@@ -247,3 +247,21 @@ def test_browser_info_box_and_checkbox(tmp_path):
     assert '<span id="i-mix">1.7000</span>' in dom and '<span id="i-delta">-2.5000</span>' in dom
     assert '<span id="i-filler">-0.2500</span>' in dom                  # the filler thought's delta beside it
     assert "<script>alert" not in dom  # the token text went in as text, not markup
+
+
+def test_content_measures_are_drawn_over_steps(tmp_path):
+    """The thought accuracy [sampled, shuffled, n] and the content reward {source: [mean, low, high]} of each eval
+    row become one line each, with a point per eval row (values from the rows themselves)."""
+    metrics = [{"step": 0, "eval_nll_none": 2.0, "eval_thought_accuracy": [0.05, 0.02, 160],
+                "eval_content_reward": {"thought": [-0.1, -0.3, 0.1], "mixed": [0.0, -0.01, 0.01]}},
+               {"step": 1, "loss": 3.0},
+               {"step": 2, "eval_nll_none": 1.9, "eval_thought_accuracy": [0.25, 0.03, 160],
+                "eval_content_reward": {"thought": [0.4, 0.2, 0.6], "mixed": [0.02, 0.0, 0.04]}}]
+    p = parse(tp.write_thoughts_page(tmp_path / "page.html", make_tokens(), metrics))
+    lines = {pl["data-series"]: pl["points"].split() for pl in p.polylines}
+    for name in ("thought_accuracy_sampled", "thought_accuracy_shuffled", "content_reward_thought",
+                 "content_reward_mixed"):
+        assert len(lines[name]) == 2, name
+    # the sampled accuracy rises from 0.05 to 0.25: its second point is higher on the chart (smaller y)
+    (_, y0), (_, y1) = (map(float, xy.split(",")) for xy in lines["thought_accuracy_sampled"])
+    assert y1 < y0

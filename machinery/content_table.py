@@ -1,0 +1,84 @@
+"""Does the thought's content help? The per-seed table of README's "Does thinking help?", from finished runs.
+
+    python -m machinery.content_table out-1337 out-1 out-2 --out results/content_seeds.json
+
+Each run folder holds metrics.jsonl (train.py) and heldout.json, written by
+    python eval.py --model <run> --task nll --data arithmetic --bare_fraction 0.5 --limit 400 --text_windows 8
+                   --seq_len 64 --out <run>/heldout.json
+(built-in problems from a seed no training run uses: eval.HELDOUT_SEED). The start: the same command on the run's
+checkpoint before thinking began (--start, default <run>-step50/heldout.json: --preset content saves step 50, ten
+plain steps before its thinking starts at 60; the plain steps alone teach thoughts to write worked steps), on the
+same answers, so that end - start is a paired difference (bootstrap over answers).
+
+A seed wins when sampled - none, sampled - filler and sampled - shuffled on the bare answers all have 95% intervals
+below 0, and the thought accuracy rose with an interval above 0.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def paired_rate_difference(end: list[int], start: list[int], n_boot: int = 2000, seed: int = 0):
+    """Mean of end - start over the same answers, with a 95% bootstrap interval. -> (mean, low, high)"""
+    d = np.asarray(end, dtype=float) - np.asarray(start, dtype=float)
+    picks = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    low, high = np.quantile(d[picks].mean(axis=1), [0.025, 0.975])
+    return float(d.mean()), float(low), float(high)
+
+
+def seed_row(run: Path, start: dict) -> dict:
+    held = json.loads((run / "heldout.json").read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    focus = held["answers"]["focus"]
+    hits, start_hits = held["answer_thoughts"]["sampled_hits"], start["answer_thoughts"]["sampled_hits"]
+    if len(hits) != len(start_hits):
+        raise ValueError(f"{run}: {len(hits)} answers, the start has {len(start_hits)}: not the same held-out set")
+    accuracy = paired_rate_difference(hits, start_hits)
+    diffs = focus["diff"]
+    wins = all(diffs[k][2] < 0 for k in ("sampled-none", "sampled-filler", "sampled-shuffled")) and accuracy[1] > 0
+    thinking = [r for r in rows if r.get("phase") == "think"]
+    evals = [r for r in rows if "eval_thought_accuracy" in r]
+    agreement = [r["reward_agreement"] for r in thinking if "reward_agreement" in r]
+    return {"run": str(run), "answers": focus["n_windows"], "answer_tokens": focus["n_tokens"], "nll": focus["nll"],
+            "diff": diffs, "thought_accuracy_start": float(np.mean(start_hits)),
+            "thought_accuracy_end": float(np.mean(hits)), "thought_accuracy_end_minus_start": accuracy,
+            "shuffled_thought_accuracy_end": held["answer_thoughts"]["answer_in_shuffled_thought"],
+            "content_reward": held.get("content_reward"), "answers_selected": held.get("answers_selected"),
+            "accuracy_over_steps": [(r["step"], r["eval_thought_accuracy"][0]) for r in evals],
+            "oracle_minus_none_over_steps": [(r["step"], r["eval_answer_diff"]["oracle-none"][0]) for r in evals
+                                             if "oracle-none" in r.get("eval_answer_diff", {})],
+            "last_mix_weight": thinking[-1]["mix_weight_mean"] if thinking else None,
+            "reward_agreement_mean": float(np.mean(agreement)) if agreement else None, "wins": wins}
+
+
+def interval(v) -> str:
+    return f"{v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders, each with metrics.jsonl and heldout.json")
+    parser.add_argument("--start", default="{run}-step50/heldout.json",
+                        help="eval.py's JSON before thinking began; {run} is the run folder (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
+    args = parser.parse_args(argv)
+    table = [seed_row(run, json.loads(Path(args.start.format(run=run)).read_text())) for run in args.runs]
+    print(f"{'run':28} {'n':>4} {'sampled-none':>26} {'sampled-filler':>26} {'sampled-shuffled':>26} "
+          f"{'oracle-none':>26} {'accuracy end-start':>26} wins")
+    for r in table:
+        d = r["diff"]
+        print(f"{Path(r['run']).name:28} {r['answers']:>4} {interval(d['sampled-none']):>26} "
+              f"{interval(d['sampled-filler']):>26} {interval(d['sampled-shuffled']):>26} "
+              f"{interval(d['oracle-none']):>26} {interval(r['thought_accuracy_end_minus_start']):>26} {r['wins']}")
+    if args.out:
+        args.out.write_text(json.dumps({"command": "python -m machinery.content_table " + " ".join(sys.argv[1:]),
+                                        "seeds": table}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""machinery/content_table.py: the per-seed verdict from hand-written evaluation files."""
+
+import json
+
+import pytest
+
+from machinery.content_table import main, paired_rate_difference, seed_row
+
+
+def test_paired_rate_difference_by_hand():
+    mean, low, high = paired_rate_difference([1, 1, 0, 0, 1], [0, 1, 0, 0, 0])
+    assert mean == pytest.approx(2 / 5)                                   # two answers gained, none lost
+    assert 0 <= low <= mean <= high <= 1
+    assert paired_rate_difference([1, 0], [1, 0]) == (0.0, 0.0, 0.0)      # nothing changed: no spread
+
+
+def write_run(folder, diffs, hits):
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_thought_accuracy": [0.0, 0.0, 4]}) + "\n")
+    (folder / "heldout.json").write_text(json.dumps({
+        "answers": {"focus": {"n_windows": len(hits), "n_tokens": 2 * len(hits), "nll": {}, "diff": diffs}},
+        "answer_thoughts": {"sampled_hits": hits, "answer_in_shuffled_thought": 0.0}}))
+    return folder
+
+
+def test_a_seed_wins_only_when_every_interval_says_so(tmp_path):
+    start = {"answer_thoughts": {"sampled_hits": [0] * 40}}
+    below = [-0.2, -0.3, -0.1]
+    straddles = [-0.2, -0.3, 0.1]
+    good = {"sampled-none": below, "sampled-filler": below, "sampled-shuffled": below, "oracle-none": below}
+    assert seed_row(write_run(tmp_path / "a", good, [1] * 20 + [0] * 20), start)["wins"]
+    assert not seed_row(write_run(tmp_path / "b", good, [0] * 40), start)["wins"]          # accuracy did not rise
+    worse = good | {"sampled-shuffled": straddles}
+    assert not seed_row(write_run(tmp_path / "c", worse, [1] * 20 + [0] * 20), start)["wins"]
+    with pytest.raises(ValueError, match="not the same held-out set"):
+        seed_row(write_run(tmp_path / "d", good, [1] * 3), start)
+    (tmp_path / "start.json").write_text(json.dumps(start))
+    assert main([str(tmp_path / "a"), "--start", str(tmp_path / "start.json"), "--out", str(tmp_path / "t.json")]) == 0
+    (tmp_path / "a-step50").mkdir()
+    (tmp_path / "a-step50" / "heldout.json").write_text(json.dumps(start))      # the default: <run>-step50
+    assert main([str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["seeds"][0]["wins"] is True
