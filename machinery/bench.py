@@ -344,11 +344,12 @@ def main():
                "allocator": "jemalloc" if allocator else "default",
                "steps": [], "profiles": [], "attention": [], "generation": [], "think_at": [], "overhead": {},
                "overhead_fwd_bwd": {}}
-    print(f"Quiet-STaR training step vs plain step ({device}, {torch.get_num_threads()} threads, allocator "
-          f"{figures['allocator']}; t=4, P=2, 1 document)")
-    print("floor: a plain step's fwd+bwd with checkpointing over without it: what recomputation costs before thinking")
-    print(f"{'size':13} {'n':>5} {'k':>3} {'ckpt':>4} {'passes':>6} {'fwd+bwd':>8} {'floor':>6} {'overhead':>8} "
-          f"{'plain s':>8} {'qstar s':>8} {'tok/s':>7} {'plain GiB':>9} {'qstar GiB':>9}")
+    if steps:
+        print(f"Quiet-STaR training step vs plain step ({device}, {torch.get_num_threads()} threads, allocator "
+              f"{figures['allocator']}; t=4, P=2, 1 document)")
+        print("floor: a plain step's fwd+bwd with checkpointing over without it: what recomputation costs before thinking")
+        print(f"{'size':13} {'n':>5} {'k':>3} {'ckpt':>4} {'passes':>6} {'fwd+bwd':>8} {'floor':>6} {'overhead':>8} "
+              f"{'plain s':>8} {'qstar s':>8} {'tok/s':>7} {'plain GiB':>9} {'qstar GiB':>9}")
     for size, n, k, checkpointing in steps:
         r = run_child("step", allocator, size=size, n=n, k=k, t=4, P=2, checkpointing=checkpointing, repeats=repeats)
         figures["steps"].append(r)
@@ -379,8 +380,9 @@ def main():
                 print(f"{size:13} {n:>5} {k:>3} {'yes' if checkpointing else 'no':>4} {kind:>17} {q:>8.2f} "
                       f"{plain:>14.2f} {q / plain:>6.3f}")
 
-    print("\nThinking where it matters: fwd+bwd of a step thinking at the fraction Q = 0.1 of positions (think_at "
-          "entropy:0.1) over one thinking at all of them; floor = (1 + M (L+N) Q) / (1 + M (L+N))")
+    print(f"\nThinking where it matters ({device}, {torch.get_num_threads()} threads): fwd+bwd of a step thinking at "
+          "the fraction Q = 0.1 of positions (think_at entropy:0.1) over one thinking at all of them, t=4, P=2; "
+          "floor = (1 + M (L+N) Q) / (1 + M (L+N))")
     print(f"{'size':13} {'n':>5} {'k':>3} {'Q=1 s':>8} {'Q=0.1 s':>8} {'ratio':>6} {'floor':>6}")
     for size, n, k in think_at:
         r = run_child("think_at", allocator, size=size, n=n, k=k, t=4, P=2, fraction=0.1, repeats=1)
@@ -390,14 +392,16 @@ def main():
             continue
         print(f"{size:13} {n:>5} {k:>3} {r['every_s']:>8.2f} {r['some_s']:>8.2f} {r['ratio']:>6.3f} {r['floor']:>6.3f}")
 
-    print("\nAttention of one thought pass, one layer (9 query / 3 KV heads of 64, P=2): memory kept for backward")
-    print(f"{'n':>5} {'step':>4} {'fast MiB':>9} {'dense MiB':>10} {'fast ms':>8} {'dense ms':>9}")
+    if attention:
+        print("\nAttention of one thought pass, one layer (9 query / 3 KV heads of 64, P=2): memory kept for backward")
+        print(f"{'n':>5} {'step':>4} {'fast MiB':>9} {'dense MiB':>10} {'fast ms':>8} {'dense ms':>9}")
     for n, s in attention:
         r = attention_memory(n, s)
         figures["attention"].append(r)
         print(f"{n:>5} {s:>4} {r['fast_mib']:>9.2f} {r['dense_mib']:>10.2f} {r['fast_ms']:>8.1f} {r['dense_ms']:>9.1f}")
 
-    print("\nGeneration (32-token prompt, 32 new tokens; thinking = k - 1 extra cached passes per token)")
+    if generation:
+        print("\nGeneration (32-token prompt, 32 new tokens; thinking = k - 1 extra cached passes per token)")
     for size, k in generation:
         r = run_child("generation", allocator, size=size, k=k, new_tokens=32 if not args.quick else 12)
         figures["generation"].append(r)

@@ -26,6 +26,13 @@ def test_a_step_configuration_measures_and_counts_its_passes(checkpointing):
 
 
 def test_generation_speed_with_and_without_thinking():
-    row = bench.run_child("generation", size="tiny", k=5, new_tokens=4)
-    assert "error" not in row, row["error"] if "error" in row else ""
-    assert row["plain_tokens_per_s"] > row["thinking_tokens_per_s"] > 0     # k - 1 = 4 more passes a token: 5x
+    # k - 1 = 4 more passes a token: thinking is ~5x slower. Only a change of the machine's load between the two
+    # timings of one measurement can hide that (measured: plain 75 against thinking 163 tokens/s while a training
+    # run started); such a measurement is taken again, at most 3 times in all.
+    for _ in range(3):
+        row = bench.run_child("generation", size="tiny", k=5, new_tokens=4)
+        assert "error" not in row, row["error"] if "error" in row else ""
+        assert row["thinking_tokens_per_s"] > 0
+        if row["plain_tokens_per_s"] > row["thinking_tokens_per_s"]:
+            return
+    pytest.fail(f"thinking generation was not slower than plain in 3 measurements: {row}")
