@@ -135,12 +135,20 @@ def soft_score(logits: torch.Tensor, ids: list[int], positions: list[int], allow
 
 # ---- per-token predictions with one thought per position -----------------------------------------------
 
-def end_hidden(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.Tensor | None = None):
-    """One thought per position, up to <end>: -> h_base, h_end (B, T, D) and the thought ids (B, T, L)."""
+def end_hidden(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.Tensor | None = None,
+               at: torch.Tensor | None = None):
+    """One thought per position (or per position in at (B, K)), up to <end>: -> h_base (B, T, D), h_end (B, T or K,
+    D) and the thought ids (B, T or K, L)."""
     h_base, cache = qs.base_pass(tokens)
-    ids, _ = qs.think(tokens, cache, 1, thought_ids)
+    ids, _ = qs.think(tokens, cache, 1, thought_ids, at)
     _, end = qs.marker_embeddings()
-    return h_base, qs._pass(end.expand(*tokens.shape, -1), qs.end_offset, cache), ids
+    return h_base, qs._pass(end.expand(*ids.shape[:2], -1), qs.end_offset, cache), ids
+
+
+def chosen_positions(qs: QuietStar, h_base: torch.Tensor) -> torch.Tensor:
+    """Where training would think in these windows (think_at entropy:Q): h_base (B, T, D) -> positions (B, K)."""
+    ok = torch.ones(h_base.shape[0], h_base.shape[1] - 1, dtype=torch.bool, device=h_base.device)
+    return select_positions(qs.model.lm_head(h_base[:, :-1]), ok, qs.config.think_fraction)
 
 
 @torch.no_grad()
@@ -178,10 +186,7 @@ def scores_at(qs: QuietStar, tokens: torch.Tensor, at: torch.Tensor, thought_ids
     """token_scores for the positions at (B, K) only (each with a next token), thinking there alone: nll_base,
     nll_thought, mix_weight (B, K) and thought_ids (B, K, L). Far cheaper when only a few positions matter (the
     digits of a bare answer); equal to token_scores there (tests/test_think_at.py)."""
-    h_base, cache = qs.base_pass(tokens)
-    ids, _ = qs.think(tokens, cache, 1, thought_ids, at)
-    _, end = qs.marker_embeddings()
-    h_end = qs._pass(end.expand(*at.shape, -1), qs.end_offset, cache)            # (B, K, D)
+    h_base, h_end, ids = end_hidden(qs, tokens, thought_ids, at)                # h_end (B, K, D)
     h_same = at_streams(h_base.transpose(1, 2), at).transpose(1, 2)              # h_base at the same positions
     mix_weight, targets = qs.mixing_head(h_same, h_end), tokens.gather(1, at + 1)
     return {"nll_base": -qs._token_logp(h_same, targets),
@@ -446,8 +451,7 @@ def thought_rewards_at(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.T
     rewards, _ = qs.rewards(tokens, ok, logp_base, talk, torch.arange(T, device=tokens.device).expand(B, T), 1)
     where = F.pad(ok, (0, 1))
     if qs.config.think_fraction is not None:
-        at = select_positions(qs.model.lm_head(h_base[:, :-1]), ok, qs.config.think_fraction)
-        where &= torch.zeros_like(where).scatter(1, at, True)
+        where &= torch.zeros_like(where).scatter(1, chosen_positions(qs, h_base), True)
     return rewards, ids, where
 
 
@@ -502,9 +506,7 @@ def answers_selected(qs: QuietStar, windows: torch.Tensor, focus: torch.Tensor, 
     chosen = []
     for i in range(0, len(windows), batch_size):
         h_base, _ = qs.base_pass(windows[i:i + batch_size])
-        ok = torch.ones(h_base.shape[0], h_base.shape[1] - 1, dtype=torch.bool, device=windows.device)
-        at = select_positions(qs.model.lm_head(h_base[:, :-1]), ok, qs.config.think_fraction)
-        chosen.append((at == first[i:i + batch_size, None]).any(dim=1))
+        chosen.append((chosen_positions(qs, h_base) == first[i:i + batch_size, None]).any(dim=1))
     return torch.cat(chosen).float().mean().item()
 
 
