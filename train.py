@@ -3,6 +3,7 @@ The machinery around a run (command line, Ctrl-C, checkpoints, resume, torchrun)
 
     python train.py                                # CPU quick start: SmolLM2-135M, built-in arithmetic text
     python train.py --preset think                 # aimed at bare answers (~50 min, 2 cores; does not win, README)
+    python train.py --preset content --seed 6067   # issue 20's levers (~30 min; wins in one seed of two, README)
     python train.py --data ../shared/data/gsm8k/train.jsonl --max_steps 200
     python train.py --preset paper --lora_rank 16  # one GPU: Mistral-7B, the official hyperparameters
     python train.py --out_dir out --resume         # continue a run exactly where its checkpoint left it
@@ -28,23 +29,8 @@ from machinery import gpu, parallel
 from machinery.checkpoint import crash_point
 from machinery.cli import UsageError, check, fail
 from machinery.hf_io import load_model_folder, load_pretrained, load_quietstar_parts
-from machinery.run import (
-    MetricsLog,
-    Run,
-    StopRequest,
-    describe,
-    finish,
-    format_eval,
-    gradient_split,
-    interrupted,
-    launch,
-    lock_run_folder,
-    resume_optimizer,
-    save_checkpoint,
-    say,
-    start_run,
-    stop_on_nan,
-)
+from machinery.run import (MetricsLog, Run, StopRequest, describe, finish, format_eval, gradient_split, interrupted,
+                           launch, lock_run_folder, resume_optimizer, save_checkpoint, say, start_run, stop_on_nan)
 from machinery.run import build_parser as build_run_parser
 from machinery.run import parse_args as parse_run_args
 from qstar import QuietStar, QuietStarConfig

@@ -9,15 +9,8 @@ from conftest import FavouriteTokensHead, tiny_model, word_tokenizer
 import fast
 from eval import sample_thoughts, thought_logits, token_scores
 from machinery.hf_io import load_quietstar, save_quietstar
-from qstar import (
-    QuietStar,
-    QuietStarConfig,
-    advantages,
-    at_streams,
-    reinforce_loss,
-    talk_targets,
-    thought_rewards,
-)
+from qstar import (QuietStar, QuietStarConfig, advantages, at_streams, reinforce_loss, talk_targets,
+                   thought_rewards)
 
 V, B, T, L = 37, 2, 9, 3
 

@@ -10,15 +10,8 @@ from conftest import tiny_model, word_tokenizer
 
 import fast
 import qstar
-from qstar import (
-    MixingHead,
-    QuietStar,
-    QuietStarConfig,
-    advantages,
-    at_streams,
-    reward_sources,
-    select_positions,
-)
+from qstar import (MixingHead, QuietStar, QuietStarConfig, advantages, at_streams, reward_sources,
+                   select_positions)
 
 V, B, T, L, M = 37, 2, 11, 3, 2
 AT = torch.tensor([[0, 4, 7, 9], [2, 3, 8, 10]])      # (B, K=4), unequal gaps; 10 = T-1 has no next token
