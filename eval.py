@@ -146,9 +146,11 @@ def end_hidden(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.Tensor | 
 
 
 def chosen_positions(qs: QuietStar, h_base: torch.Tensor) -> torch.Tensor:
-    """Where training would think in these windows (think_at entropy:Q): h_base (B, T, D) -> positions (B, K)."""
+    """Where training would think in these windows (think_at entropy:Q or random:Q): h_base (B, T, D) -> positions
+    (B, K)."""
     ok = torch.ones(h_base.shape[0], h_base.shape[1] - 1, dtype=torch.bool, device=h_base.device)
-    return select_positions(qs.model.lm_head(h_base[:, :-1]), ok, qs.config.think_fraction)
+    return select_positions(qs.model.lm_head(h_base[:, :-1]), ok, qs.config.think_fraction,
+                            qs.config.think_at.partition(":")[0])
 
 
 @torch.no_grad()

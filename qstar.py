@@ -50,6 +50,7 @@ class QuietStarConfig:
     n_thoughts: int = 2                # M thoughts per position; their mean reward is the baseline (n_passes: 2)
     think_at: str = "all"              # all: every position (the paper) | entropy:Q: in each window the fraction Q of
                                        # positions whose base prediction is least sure (highest entropy); the rest keep it
+                                       # | random:Q: as many positions drawn at random (the control for entropy:Q)
     thought_temperature: float = 1.0   # sampling temperature of thought tokens (gumbel_temperature: no effect there, so 1)
     # the loss
     base_loss_weight: float = 0.5      # weight of the no-thought NLL; the talk NLLs share the rest (original_loss_weight: 0.5)
@@ -91,16 +92,17 @@ class QuietStarConfig:
 
     @property
     def think_fraction(self) -> float | None:
-        """think_at as a number: None for "all", Q for "entropy:Q"."""
+        """think_at as a number: None for "all", Q for "entropy:Q" and "random:Q"."""
         if self.think_at == "all":
             return None
         kind, _, q = self.think_at.partition(":")
         try:
-            if kind == "entropy" and 0 < float(q) <= 1:
+            if kind in ("entropy", "random") and 0 < float(q) <= 1:
                 return float(q)
         except ValueError:
             pass
-        raise ValueError(f"--think_at must be all or entropy:Q with 0 < Q <= 1 (e.g. entropy:0.1), got {self.think_at!r}")
+        raise ValueError(f"--think_at must be all, entropy:Q or random:Q with 0 < Q <= 1 (e.g. entropy:0.1), "
+                         f"got {self.think_at!r}")
 
 
 class ThoughtMarkers(nn.Module):
@@ -221,14 +223,19 @@ def at_streams(x: Tensor, at: Tensor) -> Tensor:
     return x.gather(-1, index.expand(*x.shape[:-1], at.shape[1]))
 
 
-def select_positions(base_logits: Tensor, target_ok: Tensor, fraction: float) -> Tensor:
+def select_positions(base_logits: Tensor, target_ok: Tensor, fraction: float, by: str = "entropy") -> Tensor:
     """Where to think (think_at entropy:Q): in each window the ceil(Q * (T-1)) positions whose base prediction
-    of x_{i+1} has the highest entropy, -sum p log p. base_logits (B, T-1, V), target_ok (B, T-1) -> positions
-    (B, K), ascending. Positions without a target come last. No gradient: the choice is not learned."""
-    logp = base_logits.detach().float().log_softmax(dim=-1)
-    entropy = (-logp.exp() * logp).nan_to_num().sum(dim=-1).masked_fill(~target_ok, float("-inf"))   # 0 log 0 = 0
-    k = min(entropy.shape[1], max(1, math.ceil(fraction * entropy.shape[1])))
-    return entropy.topk(k, dim=1).indices.sort(dim=1).values
+    of x_{i+1} has the highest entropy, -sum p log p; by="random" (think_at random:Q, the control): as many
+    positions drawn uniformly (torch's generator). base_logits (B, T-1, V), target_ok (B, T-1) -> positions (B, K),
+    ascending. Positions without a target come last. No gradient: the choice is not learned."""
+    if by == "random":
+        score = torch.rand(target_ok.shape, device=target_ok.device)
+    else:
+        logp = base_logits.detach().float().log_softmax(dim=-1)
+        score = (-logp.exp() * logp).nan_to_num().sum(dim=-1)                                 # 0 log 0 = 0
+    score = score.masked_fill(~target_ok, float("-inf"))
+    k = min(score.shape[1], max(1, math.ceil(fraction * score.shape[1])))
+    return score.topk(k, dim=1).indices.sort(dim=1).values
 
 
 def thought_rewards(talk_logp: Tensor, base_logp: Tensor, scored: Tensor) -> Tensor:
@@ -468,7 +475,8 @@ class QuietStar(nn.Module):
         at = None
         if cfg.think_fraction is not None:
             with torch.no_grad():
-                at = select_positions(self.model.lm_head(h_base[:, :-1]), target_ok, cfg.think_fraction)
+                at = select_positions(self.model.lm_head(h_base[:, :-1]), target_ok, cfg.think_fraction,
+                                      cfg.think_at.partition(":")[0])
         positions = torch.arange(T, device=tokens.device).expand(B, T) if at is None else at      # (B, K)
         K = positions.shape[1]
         # 2. think: one thought per stream, M streams per position

@@ -70,19 +70,20 @@ def test_training_at_a_subset_gives_the_rewards_of_those_positions(fast_paths, m
     seen = {}
     monkeypatch.setattr(qstar, "reinforce_loss", lambda reward, *a: seen.setdefault("reward", []).append(reward)
                         or reward.sum() * 0)
-    monkeypatch.setattr(qstar, "select_positions", lambda logits, ok, fraction: AT)
+    monkeypatch.setattr(qstar, "select_positions", lambda logits, ok, fraction, by: seen.setdefault("by", by) and AT)
 
     def think(tokens, cache, n_thoughts, thought_ids=None, at=None):
         given = ids if at is None else ids.gather(1, at.repeat_interleave(M, 0)[..., None].expand(-1, -1, L))
         return QuietStar.think(qs, tokens, cache, n_thoughts, given, at)
     monkeypatch.setattr(qs, "think", think)
-    for reward_from in ("mixed", "thought"):
+    for reward_from, rule in (("mixed", "entropy"), ("thought", "random")):
         seen.clear()
         qs.config.reward_from, qs.config.think_at = reward_from, "all"
         qs(tokens)
-        qs.config.think_at = "entropy:0.4"
+        qs.config.think_at = f"{rule}:0.4"
         qs(tokens)
         full, sub = seen["reward"]                                         # (B, M, T) and (B, M, K)
+        assert seen["by"] == rule
         assert torch.allclose(sub, at_streams(full, AT), atol=1e-12, rtol=0), reward_from
         assert (sub[1, :, -1] == 0).all() and sub.abs().sum() > 0
 
@@ -102,11 +103,27 @@ def test_entropy_selection_by_hand():
     assert select_positions(two, torch.ones(2, 4, dtype=torch.bool), 0.25).tolist() == [[0], [3]]
 
 
+def test_random_selection_is_uniform_over_positions_with_a_target():
+    """The control for entropy:Q: the same count, ceil(Q * (T-1)), drawn uniformly among positions with a target,
+    whatever the logits say. 3 of the 5 positions with a target (1 has none): each is chosen with probability 3/5."""
+    logits = torch.zeros(1, 6, 4)
+    logits[0, 2, 0] = 50.0                                                # a sure position: entropy would skip it
+    ok = torch.tensor([[True, False, True, True, True, True]])
+    torch.manual_seed(0)
+    picks = torch.stack([select_positions(logits, ok, 0.5, by="random")[0] for _ in range(4000)])   # (4000, 3)
+    assert (picks[:, 1:] > picks[:, :-1]).all()                           # distinct and ascending
+    counts = torch.bincount(picks.flatten(), minlength=6) / 4000
+    assert counts[1] == 0
+    # 3/5 = 0.6; the binomial std of one frequency over 4000 draws is sqrt(0.6 * 0.4 / 4000) = 0.0077: 5 sigma
+    assert ((counts[[0, 2, 3, 4, 5]] - 0.6).abs() < 0.039).all(), counts
+
+
 def test_think_at_is_parsed_and_checked():
     assert QuietStarConfig().think_fraction is None
     assert QuietStarConfig(think_at="entropy:0.1").think_fraction == 0.1
-    for bad in ("entropy", "entropy:0", "entropy:1.5", "random:0.1", "entropy:x"):
-        with pytest.raises(ValueError, match="--think_at must be all or entropy:Q"):
+    assert QuietStarConfig(think_at="random:0.25").think_fraction == 0.25
+    for bad in ("entropy", "entropy:0", "entropy:1.5", "uniform:0.1", "random:2", "entropy:x"):
+        with pytest.raises(ValueError, match="--think_at must be all, entropy:Q or random:Q"):
             QuietStarConfig(think_at=bad)
     with pytest.raises(ValueError, match="--reward_from must be mixed or thought"):
         QuietStarConfig(reward_from="mix")
@@ -212,5 +229,5 @@ def test_answers_selected_counts_answers_whose_first_digit_is_chosen(monkeypatch
     qs = make_qstar(5, True, think_at="entropy:0.2")
     focus = torch.zeros(2, T - 1, dtype=torch.bool)
     focus[0, [3, 4]], focus[1, 5] = True, True                            # first digits predicted at 3 and 5
-    monkeypatch.setattr(qeval, "select_positions", lambda logits, ok, q: torch.tensor([[3, 7], [1, 2]]))
+    monkeypatch.setattr(qeval, "select_positions", lambda logits, ok, q, by: torch.tensor([[3, 7], [1, 2]]))
     assert qeval.answers_selected(qs, torch.randint(0, V, (2, T)), focus) == 0.5
