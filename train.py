@@ -115,9 +115,11 @@ PRESETS = {
                   weight_decay=0.001, warmup_steps=20, eval_interval=10, save_interval=100, eval_windows=32,
                   thought_len=9, n_true=4, n_thoughts=2, activation_checkpointing=True),
 }
-# Settings a resumed run cannot change: they define the model, its parameters or the thought's shape.
+# Settings a resumed run cannot change: they define the model, its parameters or the thought's shape. The thought's
+# may change while the checkpoint is still in the plain phase: then several thinking recipes can share one.
 FIXED_ON_RESUME = ("model", "lora_rank", "lora_alpha", "thought_len", "n_thoughts", "n_true", "marker_init",
                    "marker_grad_scale", "mixing_hidden", "bounded_mixing", "preset")
+FREE_IN_PLAIN_PHASE = ("thought_len", "n_thoughts", "n_true", "bounded_mixing")
 
 def build_parser():
     return build_run_parser(TrainConfig, __doc__)
@@ -125,7 +127,7 @@ def build_parser():
 
 def parse_args(argv: list[str]) -> tuple[TrainConfig, QuietStarConfig, list[str]]:
     """Defaults < preset < (on --resume: the run's saved settings) < what the user typed (machinery/run.py)."""
-    return parse_run_args(argv, TrainConfig, PRESETS, FIXED_ON_RESUME, __doc__)
+    return parse_run_args(argv, TrainConfig, PRESETS, FIXED_ON_RESUME, __doc__, FREE_IN_PLAIN_PHASE)
 
 
 # ---- 2. data -------------------------------------------------------------------------------------------------

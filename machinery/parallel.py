@@ -152,5 +152,13 @@ def full_states(qs, optimizer) -> tuple[dict, dict]:
 
 
 def load_optimizer(qs, optimizer, state: dict):
-    """Load a full, name-keyed optimizer state (from any number of ranks) into this rank's optimizer."""
-    set_optimizer_state_dict(qs, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+    """Load a full, name-keyed optimizer state (from any number of ranks) into this rank's optimizer. Parameters
+    that the saved optimizer holds but never stepped (the markers and the mixing head after plain steps only) have
+    no state to load: they start fresh, as they would have in the uninterrupted run (torch fills every parameter's
+    state with one zero-gradient step first, which would shift their Adam bias correction by one step)."""
+    never_stepped = {name for group in state["param_groups"] for name in group["params"]} - set(state["state"])
+    set_optimizer_state_dict(qs, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True, strict=not never_stepped))
+    parameters = dict(qs.named_parameters())
+    for name in never_stepped:
+        optimizer.state.pop(parameters[name], None)

@@ -38,9 +38,12 @@ def build_parser(train_config, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str], train_config, presets: dict, fixed_on_resume: tuple, description: str):
+def parse_args(argv: list[str], train_config, presets: dict, fixed_on_resume: tuple, description: str,
+               free_in_plain_phase: tuple = ()):
     """Defaults < preset < (on --resume: the run's saved settings) < what the user typed.
-    -> (train_config, QuietStarConfig, the settings that a resume changes: printed, and they take effect)."""
+    -> (train_config, QuietStarConfig, the settings that a resume changes: printed, and they take effect).
+    A resume cannot change fixed_on_resume, except free_in_plain_phase while the checkpoint is still in the plain
+    phase (no thinking step has trained the markers or the mixing head yet)."""
     given = vars(build_parser(train_config, description).parse_args(argv))
     train_keys, qstar_keys = {f.name for f in fields(train_config)}, {f.name for f in fields(QuietStarConfig)}
     preset = given.get("preset", train_config.preset)
@@ -56,7 +59,9 @@ def parse_args(argv: list[str], train_config, presets: dict, fixed_on_resume: tu
         saved = json.loads(saved_file.read_text())
         saved = saved["train"] | saved["qstar"]
         differ = {k: (saved.get(k), v) for k, v in given.items() if k in saved and saved[k] != v}
-        fixed = [f"--{k} {old!r} -> {new!r}" for k, (old, new) in differ.items() if k in fixed_on_resume]
+        still_plain = checkpoint_step(out_dir) <= saved.get("plain_steps", 0)
+        fixed = [f"--{k} {old!r} -> {new!r}" for k, (old, new) in differ.items()
+                 if k in fixed_on_resume and not (still_plain and k in free_in_plain_phase)]
         if fixed:
             raise UsageError(f"--resume cannot change {', '.join(fixed)}: they define the model or the thought "
                              "shape; start a new --out_dir instead")

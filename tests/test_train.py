@@ -2,6 +2,7 @@
 Ctrl-C and LoRA. Bad input and the run folder's guarantees are in test_bad_input.py."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -86,10 +87,12 @@ def test_transformers_loads_the_checkpoint(tiny_dir, tmp_path):
         assert (ours(tokens) - theirs(tokens).logits).abs().max() <= 1e-5
 
 
-def test_resume_gives_exactly_the_uninterrupted_losses(tiny_dir, tmp_path):
+@pytest.mark.parametrize("plain_steps", [0, 2], ids=["thinking", "from-the-plain-phase"])
+def test_resume_gives_exactly_the_uninterrupted_losses(tiny_dir, tmp_path, plain_steps):
+    """Also from a checkpoint in the plain phase, where the markers and the mixing head have no optimizer state yet."""
     whole, part = tmp_path / "whole", tmp_path / "part"
-    assert train.main(args(tiny_dir, whole)) == 0
-    assert train.main(args(tiny_dir, part, max_steps=2)) == 0
+    assert train.main(args(tiny_dir, whole, plain_steps=plain_steps)) == 0
+    assert train.main(args(tiny_dir, part, max_steps=2, plain_steps=plain_steps)) == 0
     assert train.main([f"--out_dir={part}", "--max_steps=4", "--resume"]) == 0   # settings come from out_dir
 
     def without_timing(rows):
@@ -155,6 +158,22 @@ def test_changed_learning_rates_take_effect_on_resume(tiny_dir, tmp_path, capsys
     assert by_name["base"]["lr"] == 0.25 and by_name["base"]["weight_decay"] == 0.5
     assert by_name["markers"]["lr"] == 0.125 and by_name["base_vectors"]["weight_decay"] == 0.0
     assert read_metrics(tmp_path)[-1]["lr"] == 0.25
+
+
+def test_a_plain_phase_checkpoint_can_start_another_thinking_recipe(tiny_dir, tmp_path, capsys):
+    """No thinking step has trained the markers or the mixing head yet, so the thought's shape and the head's
+    squashing may change on resume (several recipes share one plain phase); after a thinking step they may not."""
+    assert train.main(args(tiny_dir, tmp_path, max_steps=2, plain_steps=2)) == 0
+    assert train.main([f"--out_dir={tmp_path}", "--max_steps=3", "--resume", "--n_thoughts=3", "--thought_len=3",
+                       "--n_true=1", "--bounded_mixing"]) == 0
+    assert "--n_thoughts 2 -> 3" in capsys.readouterr().out
+    saved = json.loads((latest(tmp_path) / "train_config.json").read_text())["qstar"]
+    assert (saved["n_thoughts"], saved["thought_len"], saved["n_true"], saved["bounded_mixing"]) == (3, 3, 1, True)
+    step = read_metrics(tmp_path)[-1]
+    # bounded: the weight starts at sigmoid(-4.595) = 0.0100007, logged to 6 decimals
+    assert step["phase"] == "think" and abs(step["mix_weight_mean"] - 1 / (1 + math.exp(4.595))) <= 5e-7
+    assert train.main([f"--out_dir={tmp_path}", "--max_steps=4", "--resume", "--n_thoughts=2"]) == 2
+    assert "--resume cannot change --n_thoughts 3 -> 2" in capsys.readouterr().err
 
 
 def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_dir, tmp_path, capsys):
