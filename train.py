@@ -57,6 +57,7 @@ class TrainConfig:
     lr_markers: float = 1e-3        # on the stored markers, i.e. x marker_grad_scale in embedding space
     weight_decay: float = 0.001     # official value; none on norms, biases and markers
     warmup_steps: int = 5           # linear warm-up at the start of each phase, then constant (as the official run)
+    mixing_delay: int = 0           # thinking steps before the mixing head learns (the post-thought prediction first)
     grad_clip: float = 1.0          # global gradient-norm clip
     eval_interval: int = 20         # steps between held-out evaluations (also at the start and the end)
     eval_windows: int = 8           # held-out windows per evaluation
@@ -76,7 +77,7 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_windows", "eval_answers",
                      "save_interval"):
             check(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("plain_batch_size", "grad_split_interval", "lora_rank", "threads", "warmup_steps",
+        for name in ("plain_batch_size", "grad_split_interval", "lora_rank", "threads", "warmup_steps", "mixing_delay",
                      "lr", "lr_mixing_head", "lr_markers", "weight_decay"):
             check(getattr(self, name) >= 0, f"--{name} must be 0 or more, got {getattr(self, name)}")
         check(self.seq_len >= 2, f"--seq_len must be at least 2 (a token and its successor), got {self.seq_len}")
@@ -214,8 +215,9 @@ def train_step(run: Run, step: int) -> dict:
     thinking = step >= cfg.plain_steps                  # the first plain_steps: next-token training only
     batch_size = cfg.batch_size if thinking else cfg.plain_batch_size or cfg.batch_size
     lr_scale = min(1.0, (step - (cfg.plain_steps if thinking else 0) + 1) / max(1, cfg.warmup_steps))
+    mixing_waits = thinking and step - cfg.plain_steps < cfg.mixing_delay     # w would fall while thoughts derail
     for group in run.optimizer.param_groups:
-        group["lr"] = group["base_lr"] * lr_scale
+        group["lr"] = 0.0 if mixing_waits and group["name"].startswith("mixing") else group["base_lr"] * lr_scale
     parts, split = {}, {}
     for micro in range(cfg.grad_accum):
         torch.manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + micro)   # resumable sampling

@@ -176,6 +176,16 @@ def test_a_plain_phase_checkpoint_can_start_another_thinking_recipe(tiny_dir, tm
     assert "--resume cannot change --n_thoughts 3 -> 2" in capsys.readouterr().err
 
 
+def test_the_mixing_head_waits_mixing_delay_thinking_steps(tiny_dir, tmp_path):
+    """Its last layer starts at exactly zero (mixing weight 0): after 2 thinking steps it is still zero with a delay
+    of 2, and has moved without one."""
+    from safetensors.torch import load_file
+    for delay, moves in ((2, False), (0, True)):
+        assert train.main(args(tiny_dir, tmp_path / str(delay), max_steps=2, mixing_delay=delay)) == 0
+        head = load_file(latest(tmp_path / str(delay)) / "quietstar.safetensors")["mixing_head.net.4.weight"]
+        assert bool(head.any()) == moves, delay
+
+
 def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_dir, tmp_path, capsys):
     code = train.main(args(tiny_dir, tmp_path, lr=1e30, max_steps=5, save_interval=1))
     assert code == 1
