@@ -1,6 +1,6 @@
 """Does the thought's content help? The per-seed table of README's "Does thinking help?", from finished runs.
 
-    python -m machinery.content_table out-1337 out-1 out-2 --out results/content_seeds.json
+    python -m machinery.content_table out-1337 out-1 out-2 --out results/content_seeds.json --svg accuracy.svg
 
 Each run folder holds metrics.jsonl (train.py) and heldout.json, written by
     python eval.py --model <run> --task nll --data arithmetic --bare_fraction 0.5 --limit 400 --text_windows 8
@@ -9,6 +9,9 @@ Each run folder holds metrics.jsonl (train.py) and heldout.json, written by
 checkpoint before thinking began (--start, default <run>-step50/heldout.json: --preset content saves step 50, ten
 plain steps before its thinking starts at 60; the plain steps alone teach thoughts to write worked steps), on the
 same answers, so that end - start is a paired difference (bootstrap over answers).
+
+--svg draws each run's thought accuracy over its training steps (train.py's evaluations) beside the same fraction
+for another problem's thought (dashed), as a standalone SVG file.
 
 A seed wins when sampled - none, sampled - filler and sampled - shuffled on the bare answers all have 95% intervals
 below 0, and the thought accuracy rose with an interval above 0.
@@ -20,6 +23,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from machinery.thoughts_page import PALETTE, _chart, _esc
 
 
 def paired_rate_difference(end: list[int], start: list[int], n_boot: int = 2000, seed: int = 0):
@@ -49,10 +54,28 @@ def seed_row(run: Path, start: dict) -> dict:
             "shuffled_thought_accuracy_end": held["answer_thoughts"]["answer_in_shuffled_thought"],
             "content_reward": held.get("content_reward"), "answers_selected": held.get("answers_selected"),
             "accuracy_over_steps": [(r["step"], r["eval_thought_accuracy"][0]) for r in evals],
+            "shuffled_accuracy_over_steps": [(r["step"], r["eval_thought_accuracy"][1]) for r in evals],
             "oracle_minus_none_over_steps": [(r["step"], r["eval_answer_diff"]["oracle-none"][0]) for r in evals
                                              if "oracle-none" in r.get("eval_answer_diff", {})],
             "last_mix_weight": thinking[-1]["mix_weight_mean"] if thinking else None,
             "reward_agreement_mean": float(np.mean(agreement)) if agreement else None, "wins": wins}
+
+
+def accuracy_svg(table: list[dict], title: str) -> str:
+    """One standalone SVG: per run, thought accuracy over steps (solid) and another problem's thought's (dashed),
+    drawn by the thoughts page's chart (a colour per run), with the legend as SVG text on the right."""
+    series, legend = {}, []
+    for i, r in enumerate(table):
+        name, color = Path(r["run"]).name, PALETTE[i % len(PALETTE)]
+        series[f"{name}_sampled"] = r["accuracy_over_steps"]
+        series[f"{name}_shuffled"] = r["shuffled_accuracy_over_steps"]
+        for j, (kind, dash) in enumerate((("sampled", ""), ("shuffled", ' stroke-dasharray="8 3 2 3"'))):
+            y = 44 + 16 * (2 * i + j)
+            legend.append(f'<line x1="520" x2="544" y1="{y}" y2="{y}" stroke="{color}" stroke-width="2"{dash}/>'
+                          f'<text x="550" y="{y + 4}">{_esc(name)} {kind}</text>')
+    figure = _chart(title, series, w=660, right=150)
+    svg = figure[len("<figure>"):figure.index("</svg>")]
+    return svg.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1) + "".join(legend) + "</svg>\n"
 
 
 def interval(v) -> str:
@@ -65,6 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--start", default="{run}-step50/heldout.json",
                         help="eval.py's JSON before thinking began; {run} is the run folder (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
+    parser.add_argument("--svg", type=Path, default=None, help="draw thought accuracy over steps here (SVG)")
     args = parser.parse_args(argv)
     table = [seed_row(run, json.loads(Path(args.start.format(run=run)).read_text())) for run in args.runs]
     print(f"{'run':28} {'n':>4} {'sampled-none':>26} {'sampled-filler':>26} {'sampled-shuffled':>26} "
@@ -74,6 +98,8 @@ def main(argv=None) -> int:
         print(f"{Path(r['run']).name:28} {r['answers']:>4} {interval(d['sampled-none']):>26} "
               f"{interval(d['sampled-filler']):>26} {interval(d['sampled-shuffled']):>26} "
               f"{interval(d['oracle-none']):>26} {interval(r['thought_accuracy_end_minus_start']):>26} {r['wins']}")
+    if args.svg:
+        args.svg.write_text(accuracy_svg(table, "Thoughts before a bare answer that write it (64 held-out answers)"))
     if args.out:
         args.out.write_text(json.dumps({"command": "python -m machinery.content_table " + " ".join(sys.argv[1:]),
                                         "seeds": table}, indent=1))

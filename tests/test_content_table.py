@@ -40,3 +40,21 @@ def test_a_seed_wins_only_when_every_interval_says_so(tmp_path):
     (tmp_path / "a-step50" / "heldout.json").write_text(json.dumps(start))      # the default: <run>-step50
     assert main([str(tmp_path / "a")]) == 0
     assert json.loads((tmp_path / "t.json").read_text())["seeds"][0]["wins"] is True
+
+
+def test_the_accuracy_figure_is_a_standalone_svg_with_a_line_per_run_and_control(tmp_path):
+    import xml.etree.ElementTree as ElementTree
+    start = tmp_path / "start.json"
+    start.write_text(json.dumps({"answer_thoughts": {"sampled_hits": [0, 1]}}))
+    diffs = dict.fromkeys(("sampled-none", "sampled-filler", "sampled-shuffled", "oracle-none"), [-0.2, -0.3, -0.1])
+    runs = [write_run(tmp_path / name, diffs, [1, 1]) for name in ("seed7", "seed8")]
+    (runs[1] / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "eval_thought_accuracy": [a, b, 2]}) + "\n"
+                                                   for s, a, b in ((0, 0.0, 0.5), (5, 1.0, 0.0))))
+    assert main([str(r) for r in runs] + ["--start", str(start), "--svg", str(tmp_path / "a.svg")]) == 0
+    svg = ElementTree.parse(tmp_path / "a.svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = {p.get("data-series"): p.get("points") for p in svg.iter(f"{ns}polyline")}
+    assert set(lines) == {"seed7_sampled", "seed7_shuffled", "seed8_sampled", "seed8_shuffled"}
+    assert len(lines["seed8_sampled"].split()) == 2 and len(lines["seed7_sampled"].split()) == 1   # one per eval
+    legend = [t.text for t in svg.iter(f"{ns}text")]
+    assert "seed7 sampled" in legend and "seed8 shuffled" in legend
