@@ -43,10 +43,10 @@ def test_a_seed_wins_only_when_every_interval_says_so(tmp_path):
 
 
 def test_the_accuracy_figure_is_a_standalone_svg_with_a_line_per_run_and_control(tmp_path):
-    import xml.etree.ElementTree as ElementTree
+    from xml.etree import ElementTree
     start = tmp_path / "start.json"
     start.write_text(json.dumps({"answer_thoughts": {"sampled_hits": [0, 1]}}))
-    diffs = dict.fromkeys(("sampled-none", "sampled-filler", "sampled-shuffled", "oracle-none"), [-0.2, -0.3, -0.1])
+    diffs = dict.fromkeys(("sampled-none", "sampled-filler", "sampled-shuffled", "oracle-none"), (-0.2, -0.3, -0.1))
     runs = [write_run(tmp_path / name, diffs, [1, 1]) for name in ("seed7", "seed8")]
     (runs[1] / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "eval_thought_accuracy": [a, b, 2]}) + "\n"
                                                    for s, a, b in ((0, 0.0, 0.5), (5, 1.0, 0.0))))
