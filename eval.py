@@ -150,7 +150,7 @@ def chosen_positions(qs: QuietStar, h_base: torch.Tensor) -> torch.Tensor:
     (B, K)."""
     ok = torch.ones(h_base.shape[0], h_base.shape[1] - 1, dtype=torch.bool, device=h_base.device)
     return select_positions(qs.model.lm_head(h_base[:, :-1]), ok, qs.config.think_fraction,
-                            qs.config.think_at.partition(":")[0])
+                            qs.config.think_rule)
 
 
 @torch.no_grad()

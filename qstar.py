@@ -90,6 +90,7 @@ class QuietStarConfig:
             raise ValueError(f"--thought_nll_weight must be 0 or more, got {self.thought_nll_weight}")
         _ = self.think_fraction                    # raises on a malformed think_at
 
+    think_rule = property(lambda self: self.think_at.partition(":")[0])   # all | entropy | random: how it chooses
     @property
     def think_fraction(self) -> float | None:
         """think_at as a number: None for "all", Q for "entropy:Q" and "random:Q"."""
@@ -476,7 +477,7 @@ class QuietStar(nn.Module):
         if cfg.think_fraction is not None:
             with torch.no_grad():
                 at = select_positions(self.model.lm_head(h_base[:, :-1]), target_ok, cfg.think_fraction,
-                                      cfg.think_at.partition(":")[0])
+                                      cfg.think_rule)
         positions = torch.arange(T, device=tokens.device).expand(B, T) if at is None else at      # (B, K)
         K = positions.shape[1]
         # 2. think: one thought per stream, M streams per position
