@@ -153,10 +153,18 @@ def measure_step(size: str, n: int, k: int, t: int, P: int, checkpointing: bool,
             "plain_peak_gib": plain_memory, "qstar_peak_gib": qstar_memory}
 
 
+def think_at_floor(M: int, L: int, N: int, Q: float) -> float:
+    """The least a step thinking at the fraction Q of positions can cost against one thinking at all of them, in
+    passes' tokens: both run the base pass (1), then per thought <start> and the L thought tokens (L + 1 passes)
+    and the N talk passes, which with think_at run at the chosen positions only, so
+        (1 + M (L + 1 + N) Q) / (1 + M (L + 1 + N))."""
+    return (1 + M * (L + 1 + N) * Q) / (1 + M * (L + 1 + N))
+
+
 def measure_think_at(size: str, n: int, k: int, t: int, P: int, fraction: float, repeats: int, device) -> dict:
     """Thinking where it matters: one forward+backward (no optimizer) of a Quiet-STaR step thinking at every
     position and one thinking at the fraction Q of positions (think_at entropy:Q), same model, M, L, N and tokens,
-    timed in turn in one process. The floor: (1 + M (L + N) Q) / (1 + M (L + N)) of the passes' tokens."""
+    timed in turn in one process. The floor: think_at_floor, with Q the chosen fraction K / n."""
     from qstar import QuietStar, QuietStarConfig
     model = build(size, device)
     tokens = torch.randint(0, model.config.vocab_size, (1, n), device=device)
@@ -177,7 +185,7 @@ def measure_think_at(size: str, n: int, k: int, t: int, P: int, fraction: float,
     every, some = min(times["all"]), min(times[f"entropy:{fraction}"])
     L, K = k - 3, min(n - 1, max(1, math.ceil(fraction * (n - 1))))         # as qstar.select_positions
     return {"size": size, "n": n, "k": k, "t": t, "P": P, "fraction": fraction, "every_s": every, "some_s": some,
-            "ratio": some / every, "floor": (1 + P * (L + t) * K / n) / (1 + P * (L + t)), "times": times}
+            "ratio": some / every, "floor": think_at_floor(P, L, t, K / n), "times": times}
 
 
 def op_kind(name: str) -> str:
@@ -382,7 +390,7 @@ def main():
 
     print(f"\nThinking where it matters ({device}, {torch.get_num_threads()} threads): fwd+bwd of a step thinking at "
           "the fraction Q = 0.1 of positions (think_at entropy:0.1) over one thinking at all of them, t=4, P=2; "
-          "floor = (1 + M (L+N) Q) / (1 + M (L+N))")
+          "floor = (1 + M (L+1+N) Q) / (1 + M (L+1+N)), Q the chosen fraction ceil(0.1 (n-1)) / n")
     print(f"{'size':13} {'n':>5} {'k':>3} {'Q=1 s':>8} {'Q=0.1 s':>8} {'ratio':>6} {'floor':>6}")
     for size, n, k in think_at:
         r = run_child("think_at", allocator, size=size, n=n, k=k, t=4, P=2, fraction=0.1, repeats=1)

@@ -36,3 +36,20 @@ def test_generation_speed_with_and_without_thinking():
         if row["plain_tokens_per_s"] > row["thinking_tokens_per_s"]:
             return
     pytest.fail(f"thinking generation was not slower than plain in 3 measurements: {row}")
+
+
+def test_think_at_floor_is_the_share_of_passes_tokens_left():
+    # By hand: the base pass (1), then per thought <start> and L thought tokens (L + 1) and N talk passes, which
+    # run at the fraction Q of positions only. M=2, L=9, N=4, Q=0.1: (1 + 2 * 14 * 0.1) / (1 + 2 * 14) = 3.8 / 29.
+    assert bench.think_at_floor(2, 9, 4, 0.1) == pytest.approx(3.8 / 29)
+    assert bench.think_at_floor(2, 9, 4, 1.0) == pytest.approx(1.0)           # thinking everywhere: no saving
+    assert bench.think_at_floor(1, 0, 1, 0.0) == pytest.approx(1 / 3)         # no thought passes left: the base one
+
+
+def test_a_think_at_measurement_reports_the_floor_of_its_chosen_positions():
+    row = bench.run_child("think_at", size="tiny", n=24, k=5, t=3, P=2, fraction=0.1, repeats=1)
+    assert "error" not in row, row["error"] if "error" in row else ""
+    # L = k - 3 = 2, N = t = 3, M = P = 2; ceil(0.1 * 23) = 3 of the 24 positions: Q = 3/24 = 0.125.
+    # (1 + 2 * (2 + 1 + 3) * 0.125) / (1 + 2 * 6) = 2.5 / 13.
+    assert row["floor"] == pytest.approx(2.5 / 13)
+    assert row["every_s"] > 0 and row["some_s"] > 0 and row["ratio"] == pytest.approx(row["some_s"] / row["every_s"])
