@@ -100,6 +100,11 @@ def bare_answer_spans(text: str) -> list[tuple[int, int]]:
     return [m.span(1) for m in BARE_ANSWER.finditer(text)]
 
 
+def filler_token_id(tokenizer) -> int:
+    """The filler thought's token: "." (a thought of L of them says nothing; the controls use it)."""
+    return tokenizer.encode(".", add_special_tokens=False).ids[0]
+
+
 def gsm8k_text(row: dict) -> str:
     """A GSM8K row as "Q: ...\\nA: <worked answer>\\n", calculator annotations <<a*b=c>> removed."""
     answer = re.sub(r"<<[^>]*>>", "", row["answer"]).replace("####", "The answer is")
@@ -191,11 +196,12 @@ class TokenWindows:
                              "(give more text or a smaller --seq_len)")
         self.seq_len, self.seed = seq_len, seed
 
-    def batch(self, step: int, batch_size: int) -> np.ndarray:
-        """(batch_size, seq_len) windows starting at random token offsets."""
+    def batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
+        """(batch_size, seq_len) windows starting at random token offsets: {"tokens", "focus"}."""
         rng = np.random.default_rng([self.seed, step])
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=batch_size)
-        return np.stack([self.tokens[s:s + self.seq_len] for s in starts])
+        return {name: np.stack([x[s:s + self.seq_len] for s in starts])
+                for name, x in (("tokens", self.tokens), ("focus", self.focus))}
 
     def windows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The first n non-overlapping windows: a fixed evaluation set. -> tokens, focus (n, seq_len)"""
@@ -219,3 +225,28 @@ class TokenWindows:
             end = np.argmin(run) if not run.all() else after                    # the first non-focus token
             focus[row, T - after:T - after + end] = True
         return tokens, focus
+
+
+class ProblemWindows:
+    """One document per window, from its first token, right-padded with EOS: no problem is cut off, and with
+    bare problems every window holds an answer. batch(step) -> {"tokens", "focus", "loss_mask"} (batch_size,
+    seq_len): loss_mask is False on the padding after the document's own EOS (which stays a target)."""
+
+    def __init__(self, texts: list[str], tokenizer, seq_len: int, eos_id: int, seed: int, focus=None,
+                 name: str = "the text"):
+        rows = [TokenWindows([text], tokenizer, 1, eos_id, seed, focus) for text in texts]
+        longest = max(len(r.tokens) for r in rows)
+        if longest > seq_len:
+            raise ValueError(f"{name}: a document has {longest} tokens; --seq_len must hold the longest "
+                             f"(at least {longest}) when each window holds one document")
+        self.tokens = np.full((len(rows), seq_len), eos_id, dtype=np.int64)
+        self.focus = np.zeros((len(rows), seq_len), dtype=bool)
+        self.loss_mask = np.zeros((len(rows), seq_len), dtype=bool)
+        for n, r in enumerate(rows):
+            self.tokens[n, :len(r.tokens)], self.focus[n, :len(r.tokens)] = r.tokens, r.focus
+            self.loss_mask[n, :len(r.tokens)] = True
+        self.seed = seed
+
+    def batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
+        picks = np.random.default_rng([self.seed, step]).integers(0, len(self.tokens), size=batch_size)
+        return {"tokens": self.tokens[picks], "focus": self.focus[picks], "loss_mask": self.loss_mask[picks]}

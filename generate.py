@@ -1,4 +1,6 @@
-"""Text generation, plain or thinking before every token: <start>, a sampled thought, <end>, then the mixed prediction.
+"""Thinking at inference: every position's prediction after one thought (predict, token_scores: what the
+evaluations score), and text generation, plain or thinking before every token: <start>, a sampled thought, <end>,
+then the mixed prediction.
 
     python generate.py --model out --prompt "Q: Tom has 23 apples and finds 19 more. How many?\\nA:"
     python generate.py --model out --no-thinking            # plain decoding, the same loop
@@ -20,8 +22,75 @@ from torch import Tensor
 from machinery.cli import BoolFlag, Parser, UsageError, add_model_options, at_least, fail
 from machinery.hf_io import load_model
 from model import Mistral
-from qstar import QuietStar, mix, sample_from_logits
+from qstar import QuietStar, at_streams, mix, sample_from_logits
 
+
+# ---- every position at once: one thought per position, the prediction after it ------------------------------
+
+def end_hidden(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.Tensor | None = None,
+               at: torch.Tensor | None = None):
+    """One thought per position (or per position in at (B, K)), up to <end>: -> h_base (B, T, D), h_end (B, T or K,
+    D) and the thought ids (B, T or K, L)."""
+    h_base, cache = qs.base_pass(tokens)
+    ids, _ = qs.think(tokens, cache, 1, thought_ids, at)
+    _, end = qs.marker_embeddings()
+    return h_base, qs._pass(end.expand(*ids.shape[:2], -1), qs.end_offset, cache), ids
+
+
+@torch.no_grad()
+def sample_thoughts(qs: QuietStar, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens (B, T) -> one sampled thought per position, ids (B, T, L)."""
+    _, cache = qs.base_pass(tokens)
+    return qs.think(tokens, cache, 1)[0]
+
+
+def thought_logits(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.Tensor) -> torch.Tensor:
+    """tokens (B, T), thought_ids (B, T, L) -> LM-head logits (B, T, V) of the hidden state at <end>
+    (before mixing): what each position predicts for x_{i+1} right after its own thought."""
+    if thought_ids.shape != (*tokens.shape, qs.config.thought_len):
+        raise ValueError(f"thought_ids must be (B, T, thought_len) = {(*tokens.shape, qs.config.thought_len)}, "
+                         f"got {tuple(thought_ids.shape)}")
+    return qs.model.lm_head(end_hidden(qs, tokens, thought_ids)[1])
+
+
+@torch.no_grad()
+def predict(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """What every position i predicts for x_{i+1}, without and with a thought (one sampled per position). Every
+    position thinks, also where training thinks at chosen positions only: the controls are then measured
+    wherever they might matter, and the mixing head decides how much each thought is used.
+
+    -> h_base, h_mixed, h_post (B, T, D): LM-head inputs (apply qs.model.lm_head for logits) with no thought,
+       mixed, and the post-thought prediction alone; mix_weight (B, T); thought_ids (B, T, L)."""
+    h_base, h_end, ids = end_hidden(qs, tokens, thought_ids)
+    mix_weight = qs.mixing_head(h_base, h_end)
+    return {"h_base": h_base, "h_mixed": mix(h_base, h_end, mix_weight), "h_post": h_end,
+            "mix_weight": mix_weight[..., 0], "thought_ids": ids}
+
+
+@torch.no_grad()
+def scores_at(qs: QuietStar, tokens: torch.Tensor, at: torch.Tensor, thought_ids: torch.Tensor | None = None) -> dict:
+    """token_scores for the positions at (B, K) only (each with a next token), thinking there alone: nll_base,
+    nll_mixed, nll_post, mix_weight (B, K) and thought_ids (B, K, L). Far cheaper when only a few positions matter (the
+    digits of a bare answer); equal to token_scores there (tests/test_think_at.py)."""
+    h_base, h_end, ids = end_hidden(qs, tokens, thought_ids, at)                # h_end (B, K, D)
+    h_same = at_streams(h_base.transpose(1, 2), at).transpose(1, 2)              # h_base at the same positions
+    mix_weight, targets = qs.mixing_head(h_same, h_end), tokens.gather(1, at + 1)
+    return {"nll_base": -qs._token_logp(h_same, targets),
+            "nll_mixed": -qs._token_logp(mix(h_same, h_end, mix_weight), targets),
+            "nll_post": -qs._token_logp(h_end, targets), "mix_weight": mix_weight[..., 0], "thought_ids": ids}
+
+
+@torch.no_grad()
+def token_scores(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.Tensor | None = None) -> dict:
+    """Per-token view, for evaluation and the thoughts page: nll_base, nll_mixed and nll_post (B, T-1), the NLL
+    of x_{i+1} without the thought at i, after it mixed, and after it from the post-thought prediction alone;
+    mix_weight (B, T-1); thought_ids (B, T, L)."""
+    p = predict(qs, tokens, thought_ids)
+    nll = {f"nll_{name}": -qs._token_logp(p[f"h_{name}"][:, :-1], tokens[:, 1:]) for name in ("base", "mixed", "post")}
+    return nll | {"mix_weight": p["mix_weight"][:, :-1], "thought_ids": p["thought_ids"]}
+
+
+# ---- generation: one token at a time ----------------------------------------------------------------------
 
 @dataclass
 class Generation:

@@ -22,16 +22,14 @@ row b*M + m. One stream (text position i with one of its thoughts) takes these p
     0   .. i   | i+1      i+2    ..  i+1+L   i+L+2    i+L+3    ..  i+L+1+N
                | offset 1 offset 2 .. L+1    L+2      L+3      ..  L+1+N
 
-A thought pass at `offset` runs one token of every stream at once, at positions i + offset (i = 0 .. T-1). With
-think_at entropy:Q the streams sit only at the positions `at` (B, K) where the base prediction is least sure
-(select_positions): the same passes, K streams instead of T.
+A thought pass at `offset` runs one token of every stream at once, at positions i + offset (i = 0 .. T-1), or
+only at chosen positions `at` (B, K) (research/levers.py chooses them): the same passes, K streams instead of T.
 
 Everything here is the plain computation, the one to read and step through: a dense attention mask, log_softmax
 and gather, sampling in plain sight. fast.py holds equal, faster twins (tests/test_qstar.py proves them equal)
 and fast.use(qs) swaps them in (train.py does, unless --no-fast).
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -48,24 +46,17 @@ class QuietStarConfig:
     thought_len: int = 9               # L sampled thought tokens between <start> and <end> (n_ahead = L + 3: 12)
     n_true: int = 4                    # N true tokens scored after each thought: non-myopic (n_ahead_talk: 4)
     n_thoughts: int = 2                # M thoughts per position; their mean reward is the baseline (n_passes: 2)
-    think_at: str = "all"              # all: every position (the paper) | entropy:Q: in each window the fraction Q of
-                                       # positions whose base prediction is least sure (highest entropy); the rest keep it
-                                       # | random:Q: as many positions drawn at random (the control for entropy:Q)
     thought_temperature: float = 1.0   # sampling temperature of thought tokens (gumbel_temperature: no effect there, so 1)
     # the loss
     base_loss_weight: float = 0.5      # weight of the no-thought NLL; the talk NLLs share the rest (original_loss_weight: 0.5)
     policy_weight: float = 1.0         # REINFORCE term weight; 1e6 there makes it swamp the NLL (policy_loss_beta: 1e6)
     clip_negative_advantage: bool = True  # advantages below 0 become 0: only better-than-average thoughts are reinforced (remove_negative_rewards: True)
-    group_std: bool = False            # divide each advantage by the std of its position's M rewards (GRPO, RLP)
-    reward_from: str = "mixed"         # the reward's prediction: mixed (the paper) | thought: the post-thought one alone (RLP)
-    thought_nll_weight: float = 0.0    # NLL of the post-thought prediction itself: the model learns to continue a thought
     reinforce_temperature: float | None = None  # temperature of the log-probs in REINFORCE; None = the sampling one, so
                                                # the gradient is the true policy gradient (reinforce_temperature: 3)
     # the markers and the mixing head
     marker_grad_scale: float = 100.0   # markers are stored / this and used * this: their step is this much larger (embedding_scale: 100)
     marker_init: str = ""              # text of the single token whose embedding starts both markers; "" = em dash or "---"
     mixing_hidden: int | None = None   # hidden width of the mixing MLP; None = model dim (talk head: d)
-    bounded_mixing: bool = False       # mixing weight sigmoid(.) in [0, 1], starting at 0.01; False: unbounded, from 0 (official)
     # memory (results are the same either way; tests prove it). The fast twins: fast.use(qs)
     activation_checkpointing: bool = False  # keep every 2nd layer's input, recompute the rest in backward: slower, far less memory
 
@@ -84,26 +75,6 @@ class QuietStarConfig:
             raise ValueError(f"--policy_weight must be 0 or more, got {self.policy_weight}")
         if self.mixing_hidden is not None and self.mixing_hidden < 1:
             raise ValueError(f"--mixing_hidden must be at least 1 or None, got {self.mixing_hidden}")
-        if self.reward_from not in ("mixed", "thought"):
-            raise ValueError(f"--reward_from must be mixed or thought, got {self.reward_from!r}")
-        if self.thought_nll_weight < 0:
-            raise ValueError(f"--thought_nll_weight must be 0 or more, got {self.thought_nll_weight}")
-        _ = self.think_fraction                    # raises on a malformed think_at
-
-    think_rule = property(lambda self: self.think_at.partition(":")[0])   # all | entropy | random: how it chooses
-    @property
-    def think_fraction(self) -> float | None:
-        """think_at as a number: None for "all", Q for "entropy:Q" and "random:Q"."""
-        if self.think_at == "all":
-            return None
-        kind, _, q = self.think_at.partition(":")
-        try:
-            if kind in ("entropy", "random") and 0 < float(q) <= 1:
-                return float(q)
-        except ValueError:
-            pass
-        raise ValueError(f"--think_at must be all, entropy:Q or random:Q with 0 < Q <= 1 (e.g. entropy:0.1), "
-                         f"got {self.think_at!r}")
 
 
 class ThoughtMarkers(nn.Module):
@@ -137,19 +108,18 @@ class MixingHead(nn.Module):
     """[h_base ; h_thought] (..., 2D) -> mixing weight (..., 1), a shallow MLP as in the official code.
 
     The last layer starts at zero, so the weight is exactly 0 and the mixed prediction equals the base one
-    until training finds thoughts that help. Official: not squashed, so it can go negative (it does here, and
-    then a better thought lowers the reward). bounded: sigmoid(z - 4.595), in [0, 1], starting at 0.01."""
+    until training finds thoughts that help. As in the official code it is not squashed, so it can go negative
+    (it does here, and then a better thought lowers the reward)."""
 
-    def __init__(self, dim: int, hidden: int, bounded: bool = False):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.bounded = bounded
         self.net = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 1, bias=False))
         nn.init.zeros_(self.net[-1].weight)
 
     def forward(self, h_base: Tensor, h_thought: Tensor) -> Tensor:
         z = self.net(torch.cat([h_base, h_thought], dim=-1).to(self.net[0].weight.dtype))
-        return (torch.sigmoid(z - 4.595) if self.bounded else z).type_as(h_base)     # sigmoid(-4.595) = 0.0100
+        return z.type_as(h_base)
 
 
 def mix(h_base: Tensor, h_thought: Tensor, weight: Tensor) -> Tensor:
@@ -224,66 +194,34 @@ def at_streams(x: Tensor, at: Tensor) -> Tensor:
     return x.gather(-1, index.expand(*x.shape[:-1], at.shape[1]))
 
 
-def select_positions(base_logits: Tensor, target_ok: Tensor, fraction: float, by: str = "entropy") -> Tensor:
-    """Where to think (think_at entropy:Q): in each window the ceil(Q * (T-1)) positions whose base prediction
-    of x_{i+1} has the highest entropy, -sum p log p; by="random" (think_at random:Q, the control): as many
-    positions drawn uniformly (torch's generator). base_logits (B, T-1, V), target_ok (B, T-1) -> positions (B, K),
-    ascending. Positions without a target come last. No gradient: the choice is not learned."""
-    if by == "random":
-        score = torch.rand(target_ok.shape, device=target_ok.device)
-    else:
-        logp = base_logits.detach().float().log_softmax(dim=-1)
-        score = (-logp.exp() * logp).nan_to_num().sum(dim=-1)                                 # 0 log 0 = 0
-    score = score.masked_fill(~target_ok, float("-inf"))
-    k = min(score.shape[1], max(1, math.ceil(fraction * score.shape[1])))
-    return score.topk(k, dim=1).indices.sort(dim=1).values
-
-
 def thought_rewards(talk_logp: Tensor, base_logp: Tensor, scored: Tensor) -> Tensor:
     """Step 4, the reward of each thought: sum over u of log p_talk(x_{i+1+u}) - log p_base(x_{i+1+u}).
 
-    talk_logp (B*M, N, K): log-prob of x_{i+1+u} after the thought at i (mixed, or the post-thought prediction
-    alone: reward_from); base_logp (B*M, N, K): log-prob of the same token with no thought; scored (B*M, N, K):
+    talk_logp (B*M, N, K): log-prob of x_{i+1+u} after the thought at i (mixed, or post: the post-thought
+    prediction alone); base_logp (B*M, N, K): log-prob of the same token with no thought; scored (B*M, N, K):
     which terms count. -> (B*M, K), no gradient."""
     return ((talk_logp - base_logp) * scored).sum(dim=1).detach()
 
 
-def advantages(reward: Tensor, clip_negative: bool, group_std: bool = False) -> Tensor:
+def advantages(reward: Tensor, clip_negative: bool) -> Tensor:
     """reward (B, M, K) -> advantage (B, M, K): the reward minus the mean over the M thoughts at the same
-    position (the paper's baseline); with group_std divided by their standard deviation (+1e-4, so that equal
-    rewards give 0); clipped at 0 if clip_negative (only better-than-average thoughts are reinforced, as the
-    official code does). With M = 1 the mean would equal the reward and the gradient would vanish; then, as in
+    position (the paper's baseline), clipped at 0 if clip_negative (only better-than-average thoughts are
+    reinforced, as the official code does). With M = 1 the mean would equal the reward and the gradient would vanish; then, as in
     the official code, the advantage is the reward itself (the gain over no thought)."""
     if reward.shape[1] == 1:
         advantage = reward
     else:
         advantage = reward - reward.mean(dim=1, keepdim=True)
-        if group_std:
-            advantage = advantage / (reward.std(dim=1, keepdim=True) + 1e-4)
     return advantage.clamp(min=0) if clip_negative else advantage
 
 
-def reinforce_loss(reward: Tensor, thought_logp: Tensor, valid: Tensor, clip_negative: bool,
-                   group_std: bool = False) -> Tensor:
+def reinforce_loss(advantage: Tensor, thought_logp: Tensor, valid: Tensor) -> Tensor:
     """Step 5, REINFORCE. The paper (section 4.4) uses the gradient  -r_i * grad log p(T_i | X_{:i}, <start>)
     for the thought T_i at position i with advantage r_i; its loss is  mean over positions of -r_i * log p(T_i).
 
-    reward (B, M, K); thought_logp (B, M, K): log-probability of each sampled thought, summed over its tokens;
-    valid (B, 1, K): positions that count. The advantage carries no gradient."""
-    advantage = advantages(reward, clip_negative, group_std).detach()
-    return masked_mean(advantage * -thought_logp, valid.expand_as(thought_logp))
-
-
-def reward_sources(rewards: dict[str, Tensor], valid: Tensor, n_thoughts: int) -> dict[str, Tensor]:
-    """How the two reward sources judge the same two thoughts (the first two of each position): the mean gap
-    |R1 - R2| under each, and how often they agree on which is better. rewards {source: (B*M, K)}; valid (B, K)."""
-    if n_thoughts < 2:
-        return {}
-    gap = {s: r.view(-1, n_thoughts, r.shape[-1])[:, 0] - r.view(-1, n_thoughts, r.shape[-1])[:, 1]
-           for s, r in rewards.items()}                                        # (B, K) each
-    return {"reward_gap_mixed": masked_mean(gap["mixed"].abs(), valid),
-            "reward_gap_thought": masked_mean(gap["thought"].abs(), valid),
-            "reward_agreement": masked_mean((gap["mixed"].sign() == gap["thought"].sign()).float(), valid)}
+    advantage (B, M, K); thought_logp (B, M, K): log-probability of each sampled thought, summed over its tokens;
+    valid (B, 1, K) or (B, M, K): streams that count. The advantage carries no gradient."""
+    return masked_mean(advantage.detach() * -thought_logp, valid.expand_as(thought_logp))
 
 
 def pick_marker_token(tokenizer) -> tuple[str, int]:
@@ -302,6 +240,8 @@ class QuietStar(nn.Module):
     forward runs the five steps of the module docstring; base_pass, think and talk are steps 1-3 on their own,
     for a reader who wants to call them one at a time (the README's guided tour does)."""
 
+    post_gets_gradient = False      # the post-thought log-probs are a diagnostic here (research/levers.py trains them)
+
     def __init__(self, model: Mistral, config: QuietStarConfig | None = None, tokenizer=None):
         super().__init__()
         self.model, self.config = model, config or QuietStarConfig()
@@ -319,7 +259,7 @@ class QuietStar(nn.Module):
         with torch.no_grad():
             init = model.embed_tokens.weight[marker_id].float()
         self.markers = ThoughtMarkers(init, cfg.marker_grad_scale).to(device)
-        self.mixing_head = MixingHead(dim, cfg.mixing_hidden or dim, cfg.bounded_mixing).to(device)
+        self.mixing_head = MixingHead(dim, cfg.mixing_hidden or dim).to(device)
         model.activation_checkpointing = cfg.activation_checkpointing
         # A thought is text: EOS and the tokenizer's special tokens (chat roles, file separators) are never sampled.
         banned = set(model.config.eos_ids)
@@ -417,9 +357,9 @@ class QuietStar(nn.Module):
             pass u=1: input     x1   x2   x3   x4  (x4)      predicts x2 x3 x4 (-) (-)
             base state used    h_base_{i+u}: h0..h3 for u=0, h1..h3 for u=1
 
-        -> {"logp": (B*M, N, K) log-prob of x_{i+1+u} after the thought at i, mixed (0 past the end),
-            "logp_thought": the same from the post-thought prediction alone (no gradient unless
-                            thought_nll_weight > 0), "mix_weight": (B*M, N, K) the mixing weight used}"""
+        -> {"logp_mixed": (B*M, N, K) log-prob of x_{i+1+u} after the thought at i, mixed (0 past the end),
+            "logp_post": the same from the post-thought prediction alone (no gradient unless
+                         post_gets_gradient), "mix_weight": (B*M, N, K) the mixing weight used}"""
         cfg, T = self.config, tokens.shape[1]
         streams = tokens.repeat_interleave(n_thoughts, dim=0)                    # (B*M, T)
         h_base = h_base.repeat_interleave(n_thoughts, dim=0)                     # (B*M, T, D)
@@ -427,16 +367,17 @@ class QuietStar(nn.Module):
         rows = torch.arange(len(streams), device=tokens.device)[:, None].expand_as(at)    # (B*M, K)
         _, end = self.marker_embeddings()
         x = end.expand(*at.shape, -1)
-        out = {"logp": [], "logp_thought": [], "mix_weight": []}
+        out = {"logp_mixed": [], "logp_post": [], "mix_weight": []}
         for u in range(min(cfg.n_true, T - 1)):
             h = self._pass(x, self.end_offset + u, cache)                          # (B*M, K, D)
             inside = at + 1 + u <= T - 1                                           # x_{i+1+u} exists
             r, i = rows[inside], at[inside] + u                                    # (n,) each: row, position i+u
             h_thought, h_same = h[inside], h_base[r, i]                            # (n, D) both predict x_{i+1+u}
             w = self.mixing_head(h_same, h_thought)                                # (n, 1)
-            values = {"logp": self._token_logp(mix(h_same, h_thought, w), streams[r, i + 1]), "mix_weight": w[:, 0]}
-            with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.thought_nll_weight > 0):
-                values["logp_thought"] = self._token_logp(h_thought, streams[r, i + 1])
+            values = {"logp_mixed": self._token_logp(mix(h_same, h_thought, w), streams[r, i + 1]),
+                      "mix_weight": w[:, 0]}
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.post_gets_gradient):
+                values["logp_post"] = self._token_logp(h_thought, streams[r, i + 1])
             for name, value in values.items():
                 full = upcast(h.new_zeros(at.shape))
                 full[inside] = value.to(full.dtype)
@@ -446,25 +387,42 @@ class QuietStar(nn.Module):
 
     def rewards(self, tokens: Tensor, target_ok: Tensor, logp_base: Tensor, talk: dict, positions: Tensor,
                 n_thoughts: int) -> tuple[dict[str, Tensor], Tensor]:
-        """Step 4 for talk()'s streams at positions (B, K): {"mixed", "thought"}: each (B*M, K), the reward from the
+        """Step 4 for talk()'s streams at positions (B, K): {"mixed", "post"}: each (B*M, K), the reward from the
         mixed and from the post-thought prediction; and which true tokens count, scored (B*M, N, K)."""
-        N = talk["logp"].shape[1]
+        N = talk["logp_mixed"].shape[1]
         scored = at_streams(F.pad(talk_targets(tokens, target_ok, self.model.config.eos_ids, N), (0, 1)), positions)
         base = torch.stack([at_streams(F.pad(logp_base.detach(), (0, N)), positions + u) for u in range(N)], dim=1)
         scored, base = scored.repeat_interleave(n_thoughts, dim=0), base.repeat_interleave(n_thoughts, dim=0)
-        return {"mixed": thought_rewards(talk["logp"], base, scored),
-                "thought": thought_rewards(talk["logp_thought"], base, scored)}, scored
+        return {"mixed": thought_rewards(talk["logp_mixed"], base, scored),
+                "post": thought_rewards(talk["logp_post"], base, scored)}, scored
+
+    def streams(self, tokens: Tensor, target_ok: Tensor, h_base: Tensor, cache, logp_base: Tensor,
+                at: Tensor | None = None, thought_ids: Tensor | None = None) -> dict:
+        """Steps 2 to 4 for M thoughts at every position (or at the positions at (B, K)): think, talk, reward.
+        -> thought_ids, thought_logp (B*M, K), rewards {"mixed", "post"} (B*M, K), valid (B*M, K): streams with a
+        next token, talk's outputs, and its mean NLLs over N: nll_talk (mixed) and nll_post."""
+        (B, T), M = tokens.shape, self.config.n_thoughts
+        positions = torch.arange(T, device=tokens.device).expand(B, T) if at is None else at      # (B, K)
+        # 2. think: one thought per stream, M streams per position
+        ids, thought_logp = self.think(tokens, cache, M, thought_ids, at)          # (B*M, K, L), (B*M, K)
+        # 3. talk: <end>, then the next N true tokens, each mixed with its base prediction
+        talk = self.talk(tokens, h_base, cache, M)                                 # (B*M, N, K) each
+        # 4. the reward of each thought: its gain over no thought on the next N true tokens
+        rewards, scored = self.rewards(tokens, target_ok, logp_base, talk, positions, M)   # (B*M, K), (B*M, N, K)
+        nll_talk, nll_post = (torch.stack([masked_mean(-talk[key][:, u], scored[:, u]) for u in range(scored.shape[1])
+                                           ]).mean() for key in ("logp_mixed", "logp_post"))
+        valid = at_streams(F.pad(target_ok, (0, 1)), positions).repeat_interleave(M, dim=0)   # (B*M, K)
+        return {"thought_ids": ids, "thought_logp": thought_logp, "rewards": rewards, "valid": valid, "talk": talk,
+                "nll_talk": nll_talk, "nll_post": nll_post}
 
     def forward(self, tokens: Tensor, loss_mask: Tensor | None = None, think: bool = True) -> dict[str, Tensor]:
-        """tokens (B, T) -> {loss, policy_term, nll_base, nll_thought, nll_talk, nll_unmixed, reinforce,
-        reward_mean, mix_weight_mean, and with M >= 2 reward_gap_mixed, reward_gap_thought, reward_agreement};
-        policy_term = policy_weight * reinforce is the part of loss that REINFORCE adds.
-
+        """tokens (B, T) -> {loss, policy_term (= policy_weight * reinforce), nll_base, nll_mixed (the next token
+        after a thought, mixed), nll_talk (mixed, the mean over the N true tokens), nll_post (the same from the
+        post-thought prediction alone: a diagnostic, not in the loss), reinforce, reward_mean, mix_weight_mean}.
         loss_mask (B, T): False for padding; a token that is False is never a target. Documents packed into
         one window are separated by EOS: a thought is never scored on the tokens of the next document.
         think=False: plain next-token training, {loss = nll_base, nll_base} (no thought passes at all)."""
-        cfg, (B, T) = self.config, tokens.shape
-        M = cfg.n_thoughts
+        cfg, (B, T), M = self.config, tokens.shape, self.config.n_thoughts
         target_ok = (loss_mask if loss_mask is not None else torch.ones_like(tokens, dtype=torch.bool))[:, 1:]
         # 1. base pass, no thoughts
         h_base, cache = self.base_pass(tokens)
@@ -472,40 +430,22 @@ class QuietStar(nn.Module):
         nll_base = masked_mean(-logp_base, target_ok)
         if not think:
             return {"loss": nll_base, "nll_base": nll_base.detach()}
-        # where to think: every position (the paper), or the fraction Q where the base prediction is least sure
-        at = None
-        if cfg.think_fraction is not None:
-            with torch.no_grad():
-                at = select_positions(self.model.lm_head(h_base[:, :-1]), target_ok, cfg.think_fraction,
-                                      cfg.think_rule)
-        positions = torch.arange(T, device=tokens.device).expand(B, T) if at is None else at      # (B, K)
-        K = positions.shape[1]
-        # 2. think: one thought per stream, M streams per position
-        _, thought_logp = self.think(tokens, cache, M, at=at)                      # (B*M, K)
-        # 3. talk: <end>, then the next N true tokens, each mixed with its base prediction
-        talk = self.talk(tokens, h_base, cache, M)                                 # (B*M, N, K) each
-        # 4. reward of each thought, from the mixed prediction (the paper) or the post-thought one (reward_from)
-        rewards, scored = self.rewards(tokens, target_ok, logp_base, talk, positions, M)   # (B*M, K), (B*M, N, K)
-        N = scored.shape[1]
-        # 5. the losses
-        nll_talk, nll_unmixed = (torch.stack([masked_mean(-talk[key][:, u], scored[:, u]) for u in range(N)]).mean()
-                                 for key in ("logp", "logp_thought"))
-        valid = at_streams(F.pad(target_ok, (0, 1)), positions).view(B, 1, K)     # positions with a next token
-        reinforce = reinforce_loss(rewards[cfg.reward_from].view(B, M, K), thought_logp.view(B, M, K), valid,
-                                   cfg.clip_negative_advantage, cfg.group_std)
-        policy_term = cfg.policy_weight * reinforce
-        loss = (cfg.base_loss_weight * nll_base + (1 - cfg.base_loss_weight) * nll_talk +
-                cfg.thought_nll_weight * nll_unmixed + policy_term)
-        valid_rows = valid.expand(B, M, K).reshape(B * M, K)
-        return {
-            "loss": loss,
-            "policy_term": policy_term,
-            "nll_base": nll_base.detach(),                                        # next token, no thought
-            "nll_thought": masked_mean(-talk["logp"][:, 0], valid_rows).detach(),  # next token, after a thought
-            "nll_talk": nll_talk.detach(),                                        # mean over the N true tokens
-            "nll_unmixed": nll_unmixed.detach(),                                  # the same, post-thought alone
-            "reinforce": reinforce.detach(),
-            "reward_mean": masked_mean(rewards[cfg.reward_from], valid_rows),    # gain over no thought
-            "mix_weight_mean": masked_mean(talk["mix_weight"][:, 0], valid_rows).detach(),
-            **reward_sources(rewards, valid_rows.view(B, M, K)[:, 0], M),
-        }
+        # 2. to 4. think, talk and reward, M thoughts at every position
+        s = self.streams(tokens, target_ok, h_base, cache, logp_base)
+        # 5. the losses: the base and mixed NLLs, and REINFORCE with the mean of the M rewards as the baseline
+        reward = s["rewards"]["mixed"]
+        advantage = advantages(reward.view(B, M, T), cfg.clip_negative_advantage)
+        policy_term = cfg.policy_weight * (reinforce := reinforce_loss(advantage, s["thought_logp"].view(B, M, T),
+                                                                       s["valid"].view(B, M, T)))
+        loss = cfg.base_loss_weight * nll_base + (1 - cfg.base_loss_weight) * s["nll_talk"] + policy_term
+        return {"loss": loss, "policy_term": policy_term} | self.summary(nll_base, s, reward, reinforce)
+
+    @staticmethod
+    def summary(nll_base: Tensor, s: dict, reward: Tensor, reinforce: Tensor) -> dict[str, Tensor]:
+        """The logged parts of a training forward, none with a gradient."""
+        first = s["valid"]                                                        # (B*M, K): the next token
+        return {"nll_base": nll_base.detach(),                                    # next token, no thought
+                "nll_mixed": masked_mean(-s["talk"]["logp_mixed"][:, 0], first).detach(),   # ... after a thought
+                "nll_talk": s["nll_talk"].detach(), "nll_post": s["nll_post"].detach(), "reinforce": reinforce.detach(),
+                "reward_mean": masked_mean(reward, first),                        # gain over no thought
+                "mix_weight_mean": masked_mean(s["talk"]["mix_weight"][:, 0], first).detach()}

@@ -2,12 +2,12 @@
 The machinery around a run (command line, Ctrl-C, checkpoints, resume, torchrun) is in machinery/run.py.
 
     python train.py                                # CPU quick start: SmolLM2-135M, built-in arithmetic text
-    python train.py --preset think                 # aimed at bare answers (~50 min, 2 cores; does not win, README)
-    python train.py --preset content --seed 6067   # issue 20's levers (~30 min; wins in one seed of three, README)
+    python train.py --preset smoke                 # the whole loop in about a minute: the run to step through
+    python train.py --preset content               # thoughts before bare answers (research/levers.py; README)
     python train.py --data ../shared/data/gsm8k/train.jsonl --max_steps 200
     python train.py --preset paper --lora_rank 16  # one GPU: Mistral-7B, the official hyperparameters
     python train.py --out_dir out --resume         # continue a run exactly where its checkpoint left it
-    python train.py --no-fast                      # the plain path of qstar.py (slower; equal step by step)
+    python train.py --no-fast                      # the plain path of qstar.py, the one the README teaches
     python train.py --help                         # every option, its default and what it does
 
 Every field of TrainConfig (below) and of qstar.QuietStarConfig is an option.
@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import fast
-from data import TokenWindows, arithmetic_texts, bare_answer_spans, parse_kinds, read_texts
-from eval import evaluation_row, filler_token_id
+from data import ProblemWindows, TokenWindows, arithmetic_texts, bare_answer_spans, filler_token_id, parse_kinds, \
+    read_texts
+from eval import evaluation_row
 from machinery import gpu, parallel
 from machinery.checkpoint import crash_point
 from machinery.cli import UsageError, check, fail
@@ -33,13 +35,15 @@ from machinery.run import (MetricsLog, Run, StopRequest, describe, finish, forma
                            launch, lock_run_folder, resume_optimizer, save_checkpoint, say, start_run, stop_on_nan)
 from machinery.run import build_parser as build_run_parser
 from machinery.run import parse_args as parse_run_args
-from qstar import QuietStar, QuietStarConfig
+from qstar import QuietStar
+from research.content import answer_row, content_reward, oracle_thoughts
+from research.levers import LeverConfig, Levers, build
 
 # ---- 1. settings ------------------------------------------------------------------------------------------
 
 @dataclass
 class TrainConfig:
-    preset: str = "cpu"             # cpu: the quick start; think, content: aimed at bare answers (docs/results.md); paper: 7B
+    preset: str = "cpu"             # cpu: the default run; smoke: a minute; think, content: bare answers; paper: 7B
     model: str = "smollm2-135m"     # built-in short name, a local Hugging Face folder or a Hub id
     data: str = "arithmetic"        # arithmetic (built in) | a .txt or .jsonl file | a Hub dataset name
     bare_fraction: float = 0.0      # arithmetic: the fraction of problems answered bare ("A: 47.") instead of worked
@@ -49,6 +53,10 @@ class TrainConfig:
     max_steps: int = 40             # optimizer steps in all (plain and thinking)
     plain_steps: int = 0            # the first steps train next-token prediction only (no thoughts): cheap format learning
     plain_batch_size: int = 0       # windows per micro-batch in those steps; 0 = batch_size
+    think_windows: str = "packed"   # thinking steps' windows: packed (consecutive text) | problem (one document each)
+    think_bare_fraction: float | None = None   # arithmetic: bare fraction in the thinking steps; None = bare_fraction
+    forced_steps: int = 0           # warm start: the first thinking steps force the worked step at answer positions
+    forced_decay: int = 0           # ... then the forced fraction falls linearly to 0 over this many steps
     batch_size: int = 2             # windows of text per micro-batch
     grad_accum: int = 1             # micro-batches per optimizer step
     seq_len: int = 64               # tokens per window
@@ -71,19 +79,24 @@ class TrainConfig:
     dist_timeout: int = 1800        # seconds a rank waits for the others (a failed rank) before stopping with an error
     seed: int = 1337                # data order, thought samples and initialisation
     threads: int = 0                # CPU threads for torch; 0 = torch's default
-    fast: bool = True               # fast.py's twins (equal per step, less time and memory); --no-fast: the plain path
+    fast: bool = True               # fast.py's twins (equal per step, less time and memory); --no-fast: qstar.py's plain
+                                    # path, the one the README teaches and a debugger should step through
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_windows", "eval_answers",
                      "save_interval"):
             check(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")
         for name in ("plain_batch_size", "grad_split_interval", "lora_rank", "threads", "warmup_steps", "mixing_delay",
-                     "lr", "lr_mixing_head", "lr_markers", "weight_decay"):
+                     "lr", "lr_mixing_head", "lr_markers", "weight_decay", "forced_steps", "forced_decay"):
             check(getattr(self, name) >= 0, f"--{name} must be 0 or more, got {getattr(self, name)}")
         check(self.seq_len >= 2, f"--seq_len must be at least 2 (a token and its successor), got {self.seq_len}")
         check(0 <= self.plain_steps <= self.max_steps,
               f"--plain_steps must be between 0 and --max_steps ({self.max_steps}), got {self.plain_steps}")
-        check(0 <= self.bare_fraction <= 1, f"--bare_fraction must be between 0 and 1, got {self.bare_fraction}")
+        for name in ("bare_fraction", "think_bare_fraction"):
+            value = getattr(self, name)
+            check(value is None or 0 <= value <= 1, f"--{name} must be between 0 and 1, got {value}")
+        check(self.think_windows in ("packed", "problem"), f"--think_windows must be packed or problem, "
+              f"got {self.think_windows!r}")
         parse_kinds(self.problems)
         check(self.grad_clip > 0, f"--grad_clip must be positive (the largest gradient norm), got {self.grad_clip}")
         check(self.lora_alpha > 0, f"--lora_alpha must be positive, got {self.lora_alpha}")
@@ -94,8 +107,13 @@ class TrainConfig:
 
 
 PRESETS = {
-    # The CPU quick start: short thoughts, so that the default run fits in about 10 minutes on 2 cores.
+    # The default run: short thoughts, so that it fits in 10 to 30 minutes on 2 CPU cores (README).
     "cpu": dict(thought_len=4, n_true=2, n_thoughts=2),
+    # The whole loop (base pass, thoughts, talk, reward, learning, an evaluation with its controls, a checkpoint,
+    # the thoughts page) in about a minute and under 2 GB: LoRA on the 135M model, tiny windows and thoughts.
+    "smoke": dict(max_steps=3, plain_steps=1, batch_size=1, seq_len=24, thought_len=2, n_true=1, n_thoughts=2,
+                  lora_rank=4, lr=1e-3, fast=False, eval_interval=3, eval_windows=2, save_interval=3,
+                  warmup_steps=1, grad_split_interval=0),
     # Thinking aimed at bare answers (README, "Does thinking help?"): half the problems are answered bare
     # ("A: 47."), half worked ("A: 4*6=24. 23+24=47. ..."); 200 cheap plain steps teach the worked format; then 60
     # Quiet-STaR steps with thoughts long enough to hold one equation, rewarded on the next 4 tokens (both digits).
@@ -103,12 +121,12 @@ PRESETS = {
     "think": dict(bare_fraction=0.5, plain_steps=200, plain_batch_size=8, max_steps=260, batch_size=2, seq_len=64,
                   lr=1e-4, lr_mixing_head=1e-3, lr_markers=1e-5, policy_weight=10.0, thought_len=12, n_true=4,
                   n_thoughts=2, eval_interval=130, eval_windows=4, eval_answers=16, save_interval=50),
-    # Issue 20's levers (docs/results.md): thoughts at the 20% least sure positions, 4 there, rewarded by the
+    # Thinking where the least sure 20% of positions are (docs/results.md): 4 thoughts there, rewarded by the
     # post-thought prediction alone (RLP), which learns to continue a thought (NLL 0.5); a mixing weight in [0, 1].
-    # Measured: wins in one seed of three (6067, not 1337 or 1), so it does not make content help reliably yet.
-    "content": dict(bare_fraction=0.5, plain_steps=60, plain_batch_size=8, max_steps=110, batch_size=2, lr=1e-4,
+    # Measured: wins in one seed of three, so it does not make content help reliably.
+    "entropy": dict(bare_fraction=0.5, plain_steps=60, plain_batch_size=8, max_steps=110, batch_size=2, lr=1e-4,
                     lr_markers=1e-4, think_at="entropy:0.2", n_thoughts=4, thought_len=12, n_true=4,
-                    reward_from="thought", thought_nll_weight=0.5, bounded_mixing=True, eval_interval=25,
+                    reward_from="post", post_nll_weight=0.5, bounded_mixing=True, eval_interval=25,
                     eval_windows=4, eval_answers=64, save_interval=25),
     # The authors' run (docs/official_code.md): Mistral-7B-v0.1, OpenWebMath, 256-token windows, 8 documents per
     # step, n_ahead 12 (9 thought tokens), n_ahead_talk 4, n_passes 2, lr 1e-6, 20 warm-up steps, ~100 steps.
@@ -127,44 +145,54 @@ def build_parser():
     return build_run_parser(TrainConfig, __doc__)
 
 
-def parse_args(argv: list[str]) -> tuple[TrainConfig, QuietStarConfig, list[str]]:
+def parse_args(argv: list[str]) -> tuple[TrainConfig, LeverConfig, list[str]]:
     """Defaults < preset < (on --resume: the run's saved settings) < what the user typed (machinery/run.py)."""
     return parse_run_args(argv, TrainConfig, PRESETS, FIXED_ON_RESUME, __doc__, FREE_IN_PLAIN_PHASE)
 
 
 # ---- 2. data -------------------------------------------------------------------------------------------------
 
-def read_documents(cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """-> training and held-out documents: the built-in arithmetic problems from two seeds, or the documents of
-    --data with the last 5% held out. Read before anything is written, so that bad data fails fast."""
+def read_documents(cfg: TrainConfig) -> tuple[list[str], list[str], list[str]]:
+    """-> training, thinking-phase and held-out documents: the built-in arithmetic problems (seeds seed, seed + 2
+    and seed + 1), or the documents of --data with the last 5% held out. Read before anything is written, so that
+    bad data fails fast."""
     if cfg.data == "arithmetic":
-        return (arithmetic_texts(4000, seed=cfg.seed, bare_fraction=cfg.bare_fraction, kinds=cfg.problems),
-                arithmetic_texts(400, seed=cfg.seed + 1, bare_fraction=cfg.bare_fraction, kinds=cfg.problems))
+        bare = cfg.bare_fraction if cfg.think_bare_fraction is None else cfg.think_bare_fraction
+        train = arithmetic_texts(4000, seed=cfg.seed, bare_fraction=cfg.bare_fraction, kinds=cfg.problems)
+        think = train if bare == cfg.bare_fraction else \
+            arithmetic_texts(4000, seed=cfg.seed + 2, bare_fraction=bare, kinds=cfg.problems)
+        return train, think, arithmetic_texts(400, seed=cfg.seed + 1, bare_fraction=cfg.bare_fraction,
+                                              kinds=cfg.problems)
     texts = read_texts(cfg.data)
     if len(texts) < 2:
         raise UsageError(f"--data {cfg.data} has {len(texts)} document; train.py needs at least 2 (the last "
                          "5% of the documents are held out for evaluation)")
     n_val = max(1, len(texts) // 20)
-    return texts[:-n_val], texts[-n_val:]
+    return texts[:-n_val], texts[:-n_val], texts[-n_val:]
 
 
 def load_data(cfg: TrainConfig, documents, tokenizer, eos: int | None):
-    """-> training windows, and the held-out sets {name: (windows, focus)}: consecutive windows ("text") and,
-    for bare-answer arithmetic, windows aligned on the answers ("answer")."""
-    train_texts, val_texts = documents
-    focus = bare_answer_spans if cfg.data == "arithmetic" and cfg.bare_fraction > 0 else None
-    train = TokenWindows(train_texts, tokenizer, cfg.seq_len, eos, cfg.seed, name=f"--data {cfg.data} (training part)")
+    """-> the plain and the thinking steps' windows (the same unless --think_windows problem or
+    --think_bare_fraction), and the held-out sets {name: (windows, focus)}: consecutive windows ("text") and, for
+    bare-answer arithmetic, windows aligned on the answers ("answer")."""
+    train_texts, think_texts, val_texts = documents
+    focus = bare_answer_spans if cfg.data == "arithmetic" else None
+    name = f"--data {cfg.data} (training part)"
+    train = TokenWindows(train_texts, tokenizer, cfg.seq_len, eos, cfg.seed, focus=focus, name=name)
+    think = train if think_texts is train_texts and cfg.think_windows == "packed" else \
+        (ProblemWindows if cfg.think_windows == "problem" else TokenWindows)(
+            think_texts, tokenizer, cfg.seq_len, eos, cfg.seed, focus=focus, name=name)
     held_out = TokenWindows(val_texts, tokenizer, cfg.seq_len, eos, cfg.seed, focus=focus,
                             name=f"--data {cfg.data} (held-out part: the last {len(val_texts)} documents)")
     val = {"text": held_out.windows(cfg.eval_windows)}
-    if focus is not None:
+    if cfg.data == "arithmetic" and cfg.bare_fraction > 0:
         val["answer"] = held_out.focus_windows(cfg.eval_answers)
-    return train, val
+    return train, think, val
 
 
 # ---- 3. model ------------------------------------------------------------------------------------------------
 
-def build_model(cfg: TrainConfig, qcfg: QuietStarConfig, device, use_bf16: bool, checkpoint: Path | None):
+def build_model(cfg: TrainConfig, qcfg: LeverConfig, device, use_bf16: bool, checkpoint: Path | None):
     """The base model (full fine-tuning: from the checkpoint when resuming; LoRA: the frozen base in bf16 on GPU
     plus adapters) wrapped in QuietStar; when resuming, the trained markers and mixing head exactly as saved."""
     torch.manual_seed(cfg.seed)
@@ -179,7 +207,7 @@ def build_model(cfg: TrainConfig, qcfg: QuietStarConfig, device, use_bf16: bool,
         model.to(device)
         if checkpoint is not None:
             load_adapters(model, checkpoint)
-    qs = QuietStar(model, qcfg, tokenizer).to(device)
+    qs = build(model, qcfg, tokenizer).to(device)        # the paper's QuietStar unless a research lever is on
     if checkpoint is not None:
         load_quietstar_parts(qs, checkpoint)
     fast.use(qs, cfg.fast)                                # the fast twins (fast.py), or the plain path
@@ -209,6 +237,29 @@ def group_settings(name: str, cfg: TrainConfig) -> dict:
 
 # ---- 5. one step, and evaluation ---------------------------------------------------------------------------
 
+def forced_fraction(cfg: TrainConfig, thinking_step: int) -> float:
+    """The warm start's schedule: 1 for the first forced_steps thinking steps, then falling linearly to 0 over
+    forced_decay steps (thinking_step counts from 0)."""
+    if thinking_step < cfg.forced_steps:
+        return 1.0
+    return max(0.0, 1.0 - (thinking_step - cfg.forced_steps + 1) / (cfg.forced_decay + 1))
+
+
+def step_inputs(run: Run, batch: dict, thinking: bool) -> dict:
+    """A batch's tensors for the step: tokens, loss_mask; for Levers also where the bare answers start and, during
+    the warm start, the worked-step thought before them (eval.oracle_thoughts)."""
+    to = lambda x: torch.from_numpy(x).to(run.device)                               # noqa: E731
+    inputs = {"tokens": to(batch["tokens"]), "loss_mask": to(batch["loss_mask"]) if "loss_mask" in batch else None}
+    if thinking and isinstance(run.qs, Levers):
+        focus = batch["focus"]                                                     # (B, T): answer digits
+        inputs["answer_start"] = to(focus & ~np.pad(focus, ((0, 0), (1, 0)))[:, :-1])   # their first digits
+        if run.qs.forced_fraction > 0:
+            inputs["oracle"] = oracle_thoughts(run.tokenizer, torch.from_numpy(batch["tokens"]),
+                                               torch.from_numpy(focus[:, 1:]), run.qs.config.thought_len,
+                                               run.filler_id)[0].to(run.device)
+    return inputs
+
+
 def train_step(run: Run, step: int) -> dict:
     """One optimizer step (plain or thinking) -> its metrics row, or a row with "nonfinite" if a loss or the
     gradient is not finite on any rank. Rank r takes its block of the global batch (machinery/parallel.py)."""
@@ -218,14 +269,17 @@ def train_step(run: Run, step: int) -> dict:
     lr_scale = min(1.0, (step - (cfg.plain_steps if thinking else 0) + 1) / max(1, cfg.warmup_steps))
     mixing_waits = thinking and step - cfg.plain_steps < cfg.mixing_delay     # w would fall while thoughts derail
     for group in run.optimizer.param_groups:
-        group["lr"] = 0.0 if mixing_waits and group["name"].startswith("mixing") else group["base_lr"] * lr_scale
+        group["lr"] = group["base_lr"] * lr_scale
+    if isinstance(run.qs, Levers):
+        run.qs.forced_fraction = forced_fraction(cfg, step - cfg.plain_steps) if thinking else 0.0
     parts, split = {}, {}
     for micro in range(cfg.grad_accum):
         torch.manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + micro)   # resumable sampling
-        windows = run.train_data.batch(step * cfg.grad_accum + micro, batch_size * ranks.world)   # the global batch
-        tokens = torch.from_numpy(windows[ranks.rank * batch_size:(ranks.rank + 1) * batch_size]).to(run.device)
+        data = run.think_data if thinking else run.train_data
+        batch = data.batch(step * cfg.grad_accum + micro, batch_size * ranks.world)   # the global batch
+        batch = {k: v[ranks.rank * batch_size:(ranks.rank + 1) * batch_size] for k, v in batch.items()}
         with run.autocast():
-            out = run.step_module(tokens, think=thinking)
+            out = run.step_module(**step_inputs(run, batch, thinking), think=thinking)
         if parallel.any_rank(not torch.isfinite(out["loss"]), ranks):
             return {"step": step + 1, "nonfinite": {k: float(v.detach()) for k, v in out.items()}}
         if thinking and micro == 0 and ranks.mode == "none" and cfg.grad_split_interval and \
@@ -235,6 +289,9 @@ def train_step(run: Run, step: int) -> dict:
         for k, v in out.items():
             if k != "policy_term":
                 parts[k] = parts.get(k, 0.0) + v.item() / cfg.grad_accum
+    if mixing_waits:                    # no gradient, so Adam neither steps nor fills its moments while it waits
+        for p in run.qs.mixing_head.parameters():
+            p.grad = None
     grad_norm = torch.nn.utils.clip_grad_norm_(run.qs.parameters(), cfg.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm    # FSDP: a DTensor
     if parallel.any_rank(not torch.isfinite(grad_norm), ranks):
@@ -251,16 +308,20 @@ def train_step(run: Run, step: int) -> dict:
 
 @torch.no_grad()
 def evaluate(run: "Run") -> dict:
-    """Held-out NLLs with and without thoughts, the controls, the oracle, the content measures: eval.evaluation_row
-    on each held-out set (consecutive windows; windows aligned on the bare answers)."""
+    """Held-out NLLs with and without thoughts and the controls (eval.evaluation_row) and the content reward on
+    consecutive windows; on windows aligned on bare answers, the oracle and the thought accuracy (research/content)."""
     qs, row = run.qs, {}
     qs.eval()
     torch.manual_seed(run.cfg.seed)
     with run.autocast(), parallel.gathered(qs, run.ranks):
-        for name, (windows, focus) in run.val.items():
-            row |= evaluation_row(qs, run.tokenizer, name, torch.from_numpy(windows).to(run.device),
-                                  torch.from_numpy(focus), run.filler_id)
-            crash_point("eval")                     # tests/test_crash.py: a SIGKILL during evaluation
+        windows = torch.from_numpy(run.val["text"][0]).to(run.device)
+        row |= evaluation_row(qs, windows, run.filler_id)
+        reward = content_reward(qs, windows, run.filler_id)
+        row["eval_content_reward"] = {k: [round(x, 6) for x in v] for k, v in reward.items()}
+        crash_point("eval")                         # tests/test_crash.py: a SIGKILL during evaluation
+        if "answer" in run.val:
+            windows, focus = (torch.from_numpy(x).to(run.device) for x in run.val["answer"])
+            row |= answer_row(qs, run.tokenizer, windows, focus, run.filler_id)
     qs.train()
     return row
 
@@ -310,13 +371,14 @@ def main(argv: list[str]) -> int:
     return launch(argv, parse_args, train)
 
 
-def train(cfg: TrainConfig, qcfg: QuietStarConfig, changed: list[str], ranks: parallel.Ranks, device,
+def train(cfg: TrainConfig, qcfg: LeverConfig, changed: list[str], ranks: parallel.Ranks, device,
           stop: StopRequest) -> int:
     run = start_run(cfg, qcfg, ranks, device)              # threads, allocator, autocast; the run folder checked
     documents = read_documents(cfg)                        # bad data fails before anything is written
     with lock_run_folder(run) as checkpoint:               # the lock; on --resume the verified checkpoint
         run.qs, run.tokenizer = build_model(cfg, qcfg, device, run.use_bf16, checkpoint)
-        run.train_data, run.val = load_data(cfg, documents, run.tokenizer, (run.qs.model.config.eos_ids or [None])[0])
+        run.train_data, run.think_data, run.val = load_data(cfg, documents, run.tokenizer,
+                                                            (run.qs.model.config.eos_ids or [None])[0])
         run.filler_id = filler_token_id(run.tokenizer)
         run.step_module = parallel.wrap(run.qs, ranks, device, run.use_bf16)
         run.optimizer = torch.optim.AdamW(param_groups(run.qs, cfg), betas=(0.9, 0.999), eps=1e-8,

@@ -16,7 +16,8 @@ import fast
 from machinery.cli import resolve_device
 from machinery.gguf_import import resolve_model_dir
 from model import Mistral, MistralConfig
-from qstar import QuietStar, QuietStarConfig
+from qstar import QuietStar
+from research import levers
 
 SUPPORTED_ARCHITECTURES = ("MistralForCausalLM", "LlamaForCausalLM")
 QUIETSTAR_WEIGHTS, QUIETSTAR_CONFIG = "quietstar.safetensors", "quietstar.json"
@@ -180,11 +181,12 @@ def load_quietstar(path: str | Path, dtype=torch.float32, device="cpu", **overri
     model, tokenizer = load_model_folder(folder, dtype=dtype, device=device)
     config_file = folder / QUIETSTAR_CONFIG
     saved = json.loads(config_file.read_text()) if config_file.exists() else {}
-    known = {f.name for f in fields(QuietStarConfig)}
+    saved, known = levers.renamed_settings(saved, old_run=True), {f.name for f in fields(levers.LeverConfig)}
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown QuietStarConfig fields {sorted(unknown)}; valid: {sorted(known)}")
-    qs = QuietStar(model, QuietStarConfig(**{k: v for k, v in saved.items() if k in known} | overrides), tokenizer)
+    config = levers.LeverConfig(**{k: v for k, v in saved.items() if k in known} | overrides)
+    qs = levers.build(model, config, tokenizer)            # the paper's QuietStar, or Levers if a lever is saved
     if config_file.exists() or (folder / QUIETSTAR_WEIGHTS).exists():
         load_quietstar_parts(qs, folder)
     return qs, tokenizer

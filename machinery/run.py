@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from eval import PREDICTORS, thought_records
+from eval import PREDICTORS
 from machinery import gpu, parallel
 from machinery.checkpoint import (
     CheckpointWriteError,
     RunLock,
+    checkpoint_bytes,
     checkpoint_step,
     prepare_out_dir,
     verify_checkpoint,
@@ -26,15 +27,16 @@ from machinery.checkpoint import (
 )
 from machinery.cli import Parser, UsageError, add_dataclass_options, fail
 from machinery.hf_io import save_quietstar
-from machinery.thoughts_page import write_thoughts_page
-from qstar import QuietStarConfig
+from machinery.thoughts_page import thought_records, write_thoughts_page
+from research.levers import LeverConfig, renamed_settings
 
 # ---- settings ---------------------------------------------------------------------------------------------------
 
 def build_parser(train_config, description: str) -> argparse.ArgumentParser:
     parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_options(parser, train_config, "training (train.py TrainConfig)")
-    add_dataclass_options(parser, QuietStarConfig, "Quiet-STaR (qstar.py QuietStarConfig)")
+    add_dataclass_options(parser, LeverConfig, "Quiet-STaR (qstar.py QuietStarConfig; beyond the paper: "
+                                               "research/levers.py LeverConfig)")
     return parser
 
 
@@ -44,8 +46,9 @@ def parse_args(argv: list[str], train_config, presets: dict, fixed_on_resume: tu
     -> (train_config, QuietStarConfig, the settings that a resume changes: printed, and they take effect).
     A resume cannot change fixed_on_resume, except free_in_plain_phase while the checkpoint is still in the plain
     phase (no thinking step has trained the markers or the mixing head yet)."""
+    renamed_settings({a.split("=")[0][2:]: None for a in argv if a.startswith("--")})   # an old option: its new name
     given = vars(build_parser(train_config, description).parse_args(argv))
-    train_keys, qstar_keys = {f.name for f in fields(train_config)}, {f.name for f in fields(QuietStarConfig)}
+    train_keys, qstar_keys = {f.name for f in fields(train_config)}, {f.name for f in fields(LeverConfig)}
     preset = given.get("preset", train_config.preset)
     if preset not in presets:
         raise UsageError(f"--preset must be one of {sorted(presets)}, got {preset!r}")
@@ -57,7 +60,7 @@ def parse_args(argv: list[str], train_config, presets: dict, fixed_on_resume: tu
             raise UsageError(f"--resume: {saved_file} is missing, so the run's settings are unknown; start a new "
                              "--out_dir")
         saved = json.loads(saved_file.read_text())
-        saved = saved["train"] | saved["qstar"]
+        saved = saved["train"] | renamed_settings(saved["qstar"], old_run=True)
         differ = {k: (saved.get(k), v) for k, v in given.items() if k in saved and saved[k] != v}
         still_plain = checkpoint_step(out_dir) <= saved.get("plain_steps", 0)
         fixed = [f"--{k} {old!r} -> {new!r}" for k, (old, new) in differ.items()
@@ -69,7 +72,7 @@ def parse_args(argv: list[str], train_config, presets: dict, fixed_on_resume: tu
         values = saved | given
     try:
         return (train_config(**{k: v for k, v in values.items() if k in train_keys}),
-                QuietStarConfig(**{k: v for k, v in values.items() if k in qstar_keys}), changed)
+                LeverConfig(**{k: v for k, v in values.items() if k in qstar_keys}), changed)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -81,7 +84,7 @@ def parse_args(argv: list[str], train_config, presets: dict, fixed_on_resume: tu
 class Run:
     """Everything train.py's loop needs, built by its train() stage by stage."""
     cfg: object                               # train.TrainConfig
-    qcfg: QuietStarConfig
+    qcfg: LeverConfig
     ranks: parallel.Ranks
     device: torch.device
     autocast: object                          # a context manager: bf16 autocast on GPU, nothing on the CPU
@@ -91,7 +94,8 @@ class Run:
     step_module: torch.nn.Module = None       # qs, or DDP(qs): what a training step calls
     tokenizer: object = None
     optimizer: torch.optim.Optimizer = None
-    train_data: object = None                 # data.TokenWindows
+    train_data: object = None                 # data.TokenWindows: the plain steps'
+    think_data: object = None                 # ... and the thinking steps' (data.ProblemWindows, or train_data)
     val: dict = None
     filler_id: int = 0
     log: "MetricsLog" = None
@@ -234,23 +238,32 @@ def save_checkpoint(run: "Run", step: int) -> str | None:
     error = None
     if run.ranks.main:
         def write_files(folder: Path):
-            model_state = state
-            if cfg.lora_rank:                       # the merged base weights, plus the adapters in peft's layout
-                from machinery.lora import base_state_dict, save_adapters
-                model_state = {f"model.{k}": v for k, v in base_state_dict(qs.model).items()} | \
-                    {k: v for k, v in state.items() if not k.startswith("model.")}
+            if cfg.lora_rank:
                 save_adapters(qs.model, folder, cfg.model, cfg.lora_rank, cfg.lora_alpha)
             save_quietstar(qs, folder, run.tokenizer, model_state)
             (folder / "train_config.json").write_text(json.dumps({"train": asdict(cfg), "qstar": asdict(run.qcfg)},
                                                                  indent=2))
-            torch.save({"step": step, "optimizer": optimizer_state}, folder / "train_state.pt")
+            # through a Python file: a failed write then chains its OSError (errno) to torch's RuntimeError, which
+            # alone says only "unexpected pos" (checkpoint.storage_errno)
+            with open(folder / "train_state.pt", "wb") as f:
+                torch.save({"step": step, "optimizer": optimizer_state}, f)
         try:
-            write_checkpoint(run.out_dir, step, write_files)
+            model_state, adapters = state, {}
+            if cfg.lora_rank:                       # the merged base weights, plus the adapters in peft's layout
+                from machinery.lora import base_state_dict, save_adapters
+                model_state = {f"model.{k}": v for k, v in base_state_dict(qs.model).items()} | \
+                    {k: v for k, v in state.items() if not k.startswith("model.")}
+                adapters = {k: v for k, v in state.items() if ".lora_" in k}
+            needed = checkpoint_bytes(model_state, adapters, optimizer_state,
+                                      text_bytes=len(run.tokenizer.to_str(pretty=True).encode()))
+            write_checkpoint(run.out_dir, step, write_files, needed)
         except Exception as e:                      # every rank must hear of it, or the others would wait
             error = e
     if parallel.any_rank(error is not None, run.ranks):
         if error is not None and not isinstance(error, CheckpointWriteError):
-            raise error                             # a bug, not the storage: its traceback
+            # a bug, not the storage: its traceback, under an error that launch does not take for a user's mistake
+            # (it prints a ValueError or an OSError in one line)
+            raise RuntimeError(f"writing the checkpoint of step {step} failed: a bug, not the storage") from error
         last = checkpoint_step(run.out_dir)
         kept = f"the latest checkpoint is still step {last}" if last is not None else "no checkpoint was written"
         return (f"{error or 'rank 0 could not write the checkpoint'}. Not saved; {kept}. Free space or fix the "
@@ -327,7 +340,8 @@ def format_eval(row: dict) -> str:
     """One line per token set: the predictors' NLLs (eval.py: PREDICTORS), then the contrasts with 95% CIs; the
     content reward and how often a thought before a bare answer writes it."""
     lines = []
-    for prefix, label in (("eval_", "all tokens"), ("eval_hard_", "hardest 10%"), ("eval_answer_", "bare answers")):
+    for prefix, label in (("eval_", "all tokens"), ("eval_hard_", "hardest 10%"), ("eval_post_", "post alone"),
+                          ("eval_answer_", "bare answers"), ("eval_answer_post_", "answers, post")):
         if f"{prefix}nll_none" in row:
             shown = [p for p in PREDICTORS if f"{prefix}nll_{p}" in row]
             nlls = " / ".join(f"{row[f'{prefix}nll_{p}']:.4f}" for p in shown)
@@ -336,7 +350,7 @@ def format_eval(row: dict) -> str:
             oracle = f"; oracle minus none: {diffs['oracle-none']}" if "oracle-none" in diffs else ""
             lines.append(f"{label:>12}: NLL {' / '.join(shown)} {nlls}; sampled minus: {sampled}{oracle}")
     if "eval_content_reward" in row:
-        lines.append("content reward (sampled - shuffled thought): " + ", ".join(
+        lines.append("content reward (sampled - shuffled thought, or _filler): " + ", ".join(
             f"{k} {m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for k, (m, lo, hi) in row["eval_content_reward"].items()))
     if "eval_thought_accuracy" in row:
         sampled, shuffled, n = row["eval_thought_accuracy"]

@@ -7,15 +7,27 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
+from data import arithmetic_texts, filler_token_id, read_texts
+from generate import token_scores
+from machinery.cli import UsageError, check_writable
+from machinery.hf_io import load_model
+from qstar import QuietStar
+
 CLIP = 1.0  # |delta NLL| (nats) at which a token's colour reaches full intensity
 PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"]
-GROUPS = [("Training losses", ["loss", "nll_base", "nll_thought", "nll_talk", "reinforce"]),  # (title, keys)
+GROUPS = [("Training losses", ["loss", "nll_base", "nll_mixed", "nll_talk", "reinforce"]),  # (title, keys)
           ("Reward and mixing weight", ["reward_mean", "mix_weight_mean"]),
           ("Held-out NLL: no thought, sampled, filler, shuffled",  # also picks up any other "eval_*nll*" key
            ["eval_nll_none", "eval_nll_sampled", "eval_nll_filler", "eval_nll_shuffled"]),
           ("Thoughts before a bare answer that write it (fraction)",
            ["thought_accuracy_sampled", "thought_accuracy_shuffled"]),
-          ("Content reward: sampled minus shuffled thought (nats)", ["content_reward_thought", "content_reward_mixed"])]
+          ("Content reward: sampled minus shuffled thought (nats)", ["content_reward_post", "content_reward_mixed"])]
+# Metric keys of runs written before the rename to one word per meaning: "mixed" for the blended prediction, "post"
+# for the post-thought prediction alone. Old runs' metrics.jsonl still draw.
+RENAMED_METRICS = {"nll_thought": "nll_mixed", "nll_unmixed": "nll_post", "reward_gap_thought": "reward_gap_post",
+                   "content_reward_thought": "content_reward_post"}
 DASHES = {"_none": "5 3", "_filler": "2 2", "_shuffled": "8 3 2 3", "_base": "5 3"}  # by name suffix; else solid
 CSS = """
 body{font-family:system-ui,"Segoe UI","DejaVu Sans",sans-serif;margin:24px auto;max-width:1100px;
@@ -141,12 +153,13 @@ def _chart(title, series, w=520, h=250, left=56, right=14, top=30, bottom=40):
 
 def _content(row):
     """The content measures of an eval row (lists in metrics.jsonl) as plain numbers, for the charts."""
-    out = dict(row)
+    out = {RENAMED_METRICS.get(k, k): v for k, v in row.items()}
     accuracy, reward = row.get("eval_thought_accuracy"), row.get("eval_content_reward")
     if isinstance(accuracy, list) and len(accuracy) >= 2:
         out["thought_accuracy_sampled"], out["thought_accuracy_shuffled"] = accuracy[0], accuracy[1]
     if isinstance(reward, dict):
-        out |= {f"content_reward_{k}": v[0] for k, v in reward.items() if isinstance(v, list) and v}
+        out |= {RENAMED_METRICS.get(f"content_reward_{k}", f"content_reward_{k}"): v[0]
+                for k, v in reward.items() if isinstance(v, list) and v}
     return out
 
 
@@ -206,6 +219,56 @@ def write_thoughts_page(path, tokens, metrics=None, title="Quiet-STaR thoughts")
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+# ---- the records of one text, and eval.py --task thoughts ------------------------------------------------------
+
+@torch.no_grad()
+def thought_records(qs: QuietStar, tokenizer, tokens: torch.Tensor, filler_id: int) -> list[dict]:
+    """One text (T,) -> a record per token for thoughts_page: its text, the thought sampled before it (at the
+    previous position), the mixing weight, how much the thought changed its NLL (negative = helped), and how
+    much a filler thought of the same length changed it: where the two differ, the content mattered."""
+    scores = token_scores(qs, tokens[None])
+    filler_ids = torch.full_like(scores["thought_ids"], filler_id)
+    filler = token_scores(qs, tokens[None], filler_ids)["nll_mixed"][0]
+    records = [{"text": tokenizer.decode([tokens[0].item()]), "thought": "", "mix_weight": None,
+                "delta_nll": None, "delta_nll_filler": None, "nll_base": None}]
+    for i in range(1, len(tokens)):
+        base, after = scores["nll_base"][0, i - 1].item(), scores["nll_mixed"][0, i - 1].item()
+        records.append({"text": tokenizer.decode([tokens[i].item()]),
+                        "thought": tokenizer.decode(scores["thought_ids"][0, i - 1].tolist()),
+                        "mix_weight": scores["mix_weight"][0, i - 1].item(), "delta_nll": after - base,
+                        "delta_nll_filler": filler[i - 1].item() - base, "nll_base": base})
+    return records
+
+
+def thoughts_page_path(args) -> Path:
+    """--out, else thoughts.html inside the model's folder when it is a checkpoint (or a training run), else
+    thoughts-<name>.html here: never a folder named like a model, which would shadow the model's name."""
+    if args.out:
+        return Path(args.out)
+    folder = Path(args.model).expanduser()
+    if folder.is_dir() and ((folder / "latest").is_file() or (folder / "quietstar.json").is_file()):
+        return folder / "thoughts.html"
+    return Path(f"thoughts-{Path(args.model).name}.html")
+
+
+def write_page(args, heldout_seed: int) -> Path:
+    """eval.py --task thoughts: the page for the first --seq_len tokens of --data."""
+    text = (arithmetic_texts(8, seed=heldout_seed + args.seed, bare_fraction=args.bare_fraction, kinds=args.problems)
+            if args.data == "arithmetic" else read_texts(args.data, limit=1))
+    out = thoughts_page_path(args)
+    check_writable(out, "--out")
+    qs, tokenizer = load_model(args)
+    torch.manual_seed(args.seed)
+    device = qs.model.embed_tokens.weight.device
+    tokens = torch.tensor(tokenizer.encode("".join(text)).ids[:args.seq_len], device=device)
+    if len(tokens) < 2:
+        raise UsageError(f"--data {args.data}: the text has {len(tokens)} token(s); the page needs at least 2")
+    metrics = Path(args.model) / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    records = thought_records(qs.eval(), tokenizer, tokens, filler_token_id(tokenizer))
+    return write_thoughts_page(out, records, rows, title=f"Quiet-STaR thoughts: {args.model}")
 
 
 def main(argv=None):

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, tiny_model
@@ -21,6 +22,7 @@ import train
 from machinery import checkpoint, gguf_import
 from machinery import run as machinery_run
 from machinery.hf_io import load_pretrained, save_pretrained, save_quietstar
+from machinery.thoughts_page import thoughts_page_path
 from qstar import QuietStar, QuietStarConfig
 
 
@@ -201,9 +203,9 @@ def test_bad_input_gets_one_clear_line_and_changes_nothing(world, call, message,
 def test_thoughts_page_of_a_built_in_model_does_not_shadow_its_name(world, monkeypatch):
     monkeypatch.chdir(world)
     args = qeval.build_parser().parse_args(["--task=thoughts", "--data=arithmetic"])
-    assert qeval.thoughts_page_path(args) == qeval.Path("thoughts-smollm2-135m.html")
+    assert thoughts_page_path(args) == Path("thoughts-smollm2-135m.html")
     args = qeval.build_parser().parse_args([f"--model={world}/run", "--task=thoughts", "--data=arithmetic"])
-    assert qeval.thoughts_page_path(args) == world / "run" / "thoughts.html"
+    assert thoughts_page_path(args) == world / "run" / "thoughts.html"
 
 
 # ---- two processes -------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from conftest import tiny_model, word_tokenizer
 from torch.overrides import TorchFunctionMode
 
 import fast as fast_twins
-from eval import token_scores
+from generate import token_scores
 from generate import generate_with_thoughts
 from qstar import QuietStar, QuietStarConfig
 

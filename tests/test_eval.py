@@ -10,7 +10,10 @@ import torch
 from conftest import FavouriteTokensHead, tiny_model
 
 import eval as qeval
-from eval import sample_thoughts, thought_logits, token_scores
+from data import filler_token_id
+from machinery import benchmarks
+from research import content
+from generate import sample_thoughts, thought_logits, token_scores
 from generate import generate_with_thoughts
 from machinery import hf_io
 from machinery.hf_io import load_pretrained, save_quietstar
@@ -49,7 +52,7 @@ SPEC_ALLOWED = {"gsm8k": list(range(32, 42)) + [198], "csqa": [330, 389, 340, 42
 def test_allowed_tokens_are_the_answer_symbols_and_the_newline():
     _, tokenizer = load_pretrained("smollm2-135m")
     for task, symbols in (("gsm8k", "0123456789"), ("csqa", "ABCDE")):
-        allowed = qeval.allowed_token_ids(tokenizer, symbols).tolist()
+        allowed = benchmarks.allowed_token_ids(tokenizer, symbols).tolist()
         assert sorted(allowed) == sorted(SPEC_ALLOWED[task])
         assert sorted(tokenizer.decode([i]).strip() or tokenizer.decode([i]) for i in allowed) == \
             sorted(["\n", *symbols])
@@ -63,14 +66,14 @@ def test_soft_score_by_hand():
     logits[1, [1, 3, 5]] = torch.tensor([ln[0], 0, 0])                        # p(1) = 2 / 4
     logits[2, [1, 3, 5]] = torch.tensor([0, ln[1], 0])                        # p(3) = 3 / 5
     logits[3, [1, 3, 5]] = torch.tensor([0, 0, ln[0]])                        # p(5) = 2 / 4
-    soft, exact = qeval.soft_score(logits, [0, 2, 1, 3, 5], [2, 3, 4], torch.tensor([1, 3, 5]))
+    soft, exact = benchmarks.soft_score(logits, [0, 2, 1, 3, 5], [2, 3, 4], torch.tensor([1, 3, 5]))
     # fp32: three softmaxes over 3 logits and their product, ~20 roundings of 6e-8 at most (1.2e-6); 1e-5 leaves
     # room, and a wrong position or token changes the score by a factor 1.2 and more
     assert soft == pytest.approx(0.5 * 0.6 * 0.5, rel=1e-5) and exact
     logits[3, 1] = 5.0                                                          # now 1 beats the gold 5
-    soft, exact = qeval.soft_score(logits, [0, 2, 1, 3, 5], [2, 3, 4], torch.tensor([1, 3, 5]))
+    soft, exact = benchmarks.soft_score(logits, [0, 2, 1, 3, 5], [2, 3, 4], torch.tensor([1, 3, 5]))
     assert soft == pytest.approx(0.5 * 0.6 * 2 / (math.exp(5) + 1 + 2), rel=1e-5) and not exact
-    assert qeval.soft_score(logits, [0, 2, 1, 3, 5], [], torch.tensor([1, 3, 5])) == (0.0, False)
+    assert benchmarks.soft_score(logits, [0, 2, 1, 3, 5], [], torch.tensor([1, 3, 5])) == (0.0, False)
 
 
 def test_answer_scores_on_uniform_logits_count_the_scored_tokens(tiny_qstar):
@@ -83,13 +86,13 @@ def test_answer_scores_on_uniform_logits_count_the_scored_tokens(tiny_qstar):
         weight.zero_()
     try:
         rows = GSM8K_ROWS + [{"question": "How many grams in a kilogram?", "answer": "#### 1,000"}]
-        result = qeval.answer_scores(qs, tokenizer, "gsm8k", rows, batch_size=3)
+        result = benchmarks.answer_scores(qs, tokenizer, "gsm8k", rows, batch_size=3)
         expected = (11.0 ** -2 + 11.0 ** -3 + 11.0 ** -3 + 11.0 ** -5) / 4         # "7", "24", "42", "1,000"
         # each probability is 1/11 to one fp32 rounding, a product of <= 5 of them is off by <= 10 x 6e-8; a token
         # counted once too often or too rarely changes a term 11-fold
         for side in ("no_thoughts", "thoughts"):
             assert result[side]["soft"] == pytest.approx(expected, rel=1e-5)
-        result = qeval.answer_scores(qs, tokenizer, "csqa", CSQA_ROWS, batch_size=2)
+        result = benchmarks.answer_scores(qs, tokenizer, "csqa", CSQA_ROWS, batch_size=2)
         assert result["no_thoughts"]["soft"] == pytest.approx(1 / 36, rel=1e-5)
     finally:
         with torch.no_grad():
@@ -130,7 +133,7 @@ def by_hand(qs, tokenizer, task, rows, force_weight=None):
 def test_answer_scores_equal_hand_computed_values(tiny_qstar, task, rows, monkeypatch):
     qs, tokenizer = tiny_qstar
     torch.manual_seed(0)
-    result = qeval.answer_scores(qs, tokenizer, task, rows, batch_size=2)      # padded batches
+    result = benchmarks.answer_scores(qs, tokenizer, task, rows, batch_size=2)      # padded batches
     assert result["no_thoughts"]["n"] == 3
     # padded batches against one text at a time: fp32 logits ~1 differ by ~1e-7, each probability by as much
     # relative, a product of <= 5 of them by < 1e-6 (measured 4e-8); 1e-4 still resolves 1/40 of the thoughts' effect
@@ -138,7 +141,7 @@ def test_answer_scores_equal_hand_computed_values(tiny_qstar, task, rows, monkey
     # with the mixing weight forced to 1 the with-thought score is the post-thought prediction alone
     monkeypatch.setattr(qs.mixing_head, "forward", lambda h_base, h: torch.ones_like(h_base[..., :1]))
     torch.manual_seed(0)
-    result = qeval.answer_scores(qs, tokenizer, task, rows, batch_size=1)      # same order of sampling, and the
+    result = benchmarks.answer_scores(qs, tokenizer, task, rows, batch_size=1)      # same order of sampling, and the
     # same computation (one text a batch), so the same thoughts; h_base + 1 * (h_end - h_base) rounds like h_end
     assert result["thoughts"]["soft"] == pytest.approx(by_hand(qs, tokenizer, task, rows, force_weight=1), rel=1e-4)
     assert result["thoughts"]["soft"] != pytest.approx(result["no_thoughts"]["soft"], rel=1e-3)   # 4% and 14%
@@ -148,7 +151,7 @@ def test_zero_mixing_weight_gives_the_no_thought_scores(tiny_qstar, monkeypatch)
     qs, tokenizer = tiny_qstar
     monkeypatch.setattr(qs.mixing_head, "forward", lambda h_base, h: torch.zeros_like(h_base[..., :1]))
     for task, rows in (("gsm8k", GSM8K_ROWS), ("csqa", CSQA_ROWS)):
-        result = qeval.answer_scores(qs, tokenizer, task, rows)
+        result = benchmarks.answer_scores(qs, tokenizer, task, rows)
         assert result["thoughts"] == result["no_thoughts"]
     windows = torch.randint(0, 1000, (3, 16))
     scores = qeval.score_thoughts(qs, windows, filler_id=13, batch_size=2, oracle=torch.randint(0, 1000, (3, 16, qs.config.thought_len)))
@@ -168,10 +171,10 @@ def test_controls_are_the_filler_and_another_windows_thought(tiny_qstar):
     filler = torch.full_like(sampled, 13)
     # batches of 2 and 1 against one of 3, fp32 NLLs ~11: a log-sum-exp of 49152 logits in another order is off by
     # ~20 roundings (1e-6; measured 0): 1e-5, no relative part. Other thoughts move them by 3e-4 here (the last one).
-    assert torch.allclose(scores["filler"], token_scores(qs, windows, filler)["nll_thought"], atol=1e-5, rtol=0)
+    assert torch.allclose(scores["filler"], token_scores(qs, windows, filler)["nll_mixed"], atol=1e-5, rtol=0)
     donors = sampled[[1, 2, 0]]                           # window n gets window n+1's thoughts
-    assert torch.allclose(scores["shuffled"], token_scores(qs, windows, donors)["nll_thought"], atol=1e-5, rtol=0)
-    assert torch.allclose(scores["sampled"], token_scores(qs, windows, sampled)["nll_thought"], atol=1e-5, rtol=0)
+    assert torch.allclose(scores["shuffled"], token_scores(qs, windows, donors)["nll_mixed"], atol=1e-5, rtol=0)
+    assert torch.allclose(scores["sampled"], token_scores(qs, windows, sampled)["nll_mixed"], atol=1e-5, rtol=0)
     assert not torch.allclose(scores["sampled"], scores["filler"], atol=1e-5, rtol=0)
     single = qeval.donor_thoughts(sampled[:1])           # one window: the thought half a window away
     assert torch.equal(single[0, 5], sampled[0, 0]) and torch.equal(single[0, 0], sampled[0, 5])
@@ -282,12 +285,17 @@ def test_eval_cli_writes_json_with_both_sides(tiny_qstar, tmp_path, monkeypatch,
     text.write_text(json.dumps({"text": "one two three four five six seven eight nine ten " * 8}) + "\n")
     assert qeval.main(["--task=nll", f"--data={text}", f"--out={out}", "--seq_len=16"]) == 0
     result = json.loads(out.read_text())
-    assert set(result["text"]["all"]["nll"]) == set(qeval.PREDICTORS) - {"oracle"} and "answers" not in result
-    assert set(result["content_reward"]) == {"mixed", "thought"}
+    assert set(result["text"]["all"]["nll"]) == set(qeval.PREDICTORS) - {"oracle"} and "focus" not in result["text"]
+    assert set(result["text_post"]["all"]["nll"]) == set(qeval.PREDICTORS) - {"oracle"}
     assert set(result["text"]["hard"]["diff"]) == {"sampled-none", "sampled-filler", "sampled-shuffled"}
     assert qeval.main(["--task=nll", "--data=arithmetic", "--limit=12", f"--out={out}", "--seq_len=32"]) == 0
     result = json.loads(out.read_text())
-    assert result["answers"]["focus"]["n_windows"] >= 3 and "sampled-shuffled" in result["answers"]["focus"]["diff"]
+    assert result["text"]["focus"]["n_windows"] >= 1 and "sampled-shuffled" in result["text"]["focus"]["diff"]
+    assert content.main(["--limit=12", f"--out={out}", "--seq_len=32"]) == 0           # the answers' instruments
+    result = json.loads(out.read_text())
+    for kind in ("mixed", "post"):
+        assert result[kind]["focus"]["n_windows"] >= 3 and "oracle-none" in result[kind]["focus"]["diff"]
+    assert set(result["content_reward"]) == {"mixed", "post", "mixed_filler", "post_filler"}
     assert qeval.main(["--task=gsm8k_gen", f"--data={data}", "--limit=1", "--max_new_tokens=3", f"--out={out}"]) == 0
     result = json.loads(out.read_text())
     assert {"exact", "n", "tokens_per_s", "examples"} == set(result["thoughts"]) == set(result["no_thoughts"])
@@ -337,14 +345,14 @@ def test_oracle_thought_is_the_last_worked_step_before_each_answer_digit():
     windows = torch.tensor([ids])
     focus = torch.zeros(1, len(ids) - 1, dtype=torch.bool)
     focus[0, [d - 1 for d in digits]] = True                    # position i predicts the digit x_{i+1}
-    filler = qeval.filler_token_id(tokenizer)
+    filler = filler_token_id(tokenizer)
     step = tokenizer.encode("78-22=56.", add_special_tokens=False).ids   # 46 + 4*8 = 78, 78 - 22 = 56: by hand
-    oracle, found = qeval.oracle_thoughts(tokenizer, windows, focus, len(step) + 2, filler)
+    oracle, found = content.oracle_thoughts(tokenizer, windows, focus, len(step) + 2, filler)
     assert found.tolist() == [True]
     for i in range(len(ids)):
         expected = [filler, filler] + step if i < len(ids) - 1 and focus[0, i] else [filler] * (len(step) + 2)
         assert oracle[0, i].tolist() == expected, i
-    short, _ = qeval.oracle_thoughts(tokenizer, windows, focus, 3, filler)   # too long: its last tokens, the answer
+    short, _ = content.oracle_thoughts(tokenizer, windows, focus, 3, filler)   # too long: its last tokens, the answer
     assert short[0, digits[0] - 1].tolist() == step[-3:]
-    cut, found = qeval.oracle_thoughts(tokenizer, windows[:, -6:], focus[:, -5:], 4, filler)   # question cut off
+    cut, found = content.oracle_thoughts(tokenizer, windows[:, -6:], focus[:, -5:], 4, filler)   # question cut off
     assert found.tolist() == [False] and (cut == filler).all()

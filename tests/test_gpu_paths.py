@@ -9,7 +9,7 @@ from conftest import tiny_model, word_tokenizer
 import fast as fast_twins
 import train
 from data import TokenWindows
-from eval import thought_logits
+from generate import thought_logits
 from machinery import run as machinery_run
 from machinery.hf_io import save_pretrained
 from qstar import QuietStar, QuietStarConfig

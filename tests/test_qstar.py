@@ -7,7 +7,7 @@ import torch
 from conftest import FavouriteTokensHead, tiny_model, word_tokenizer
 
 import fast
-from eval import sample_thoughts, thought_logits, token_scores
+from generate import sample_thoughts, thought_logits, token_scores
 from machinery.hf_io import load_quietstar, save_quietstar
 from qstar import (QuietStar, QuietStarConfig, advantages, at_streams, reinforce_loss, talk_targets,
                    thought_rewards)
@@ -174,11 +174,11 @@ def test_mixing_at_init_equals_base():
     qs = make_qstar()
     scores = token_scores(qs, torch.randint(0, V, (B, T)))
     assert torch.equal(scores["mix_weight"], torch.zeros(B, T - 1))
-    assert torch.equal(scores["nll_thought"], scores["nll_base"])
+    assert torch.equal(scores["nll_mixed"], scores["nll_base"])
     out = qs(torch.randint(0, V, (B, T)))
     assert out["reward_mean"] == 0 and out["reinforce"] == 0 and out["reward_gap_mixed"] == 0   # token by token
     # the same 16 NLLs (~3.5) averaged over differently shaped tensors: fp32 rounding, 16 x 6e-8 relative at most
-    assert out["nll_thought"].item() == pytest.approx(out["nll_base"].item(), rel=1e-6)
+    assert out["nll_mixed"].item() == pytest.approx(out["nll_base"].item(), rel=1e-6)
 
 
 def test_markers_start_from_the_chosen_token_and_survive_save_and_load(tmp_path):

@@ -19,7 +19,7 @@ from machinery.checkpoint import checkpoint_step
 from machinery.hf_io import load_pretrained, load_quietstar, save_pretrained
 from qstar import QuietStarConfig
 
-STEP_KEYS = {"step", "loss", "nll_base", "nll_thought", "nll_talk", "reinforce", "reward_mean", "mix_weight_mean",
+STEP_KEYS = {"step", "loss", "nll_base", "nll_mixed", "nll_talk", "reinforce", "reward_mean", "mix_weight_mean",
              "grad_norm", "lr", "tokens_per_s"}
 EVAL_KEYS = {f"eval_{s}nll_{p}" for s in ("", "hard_") for p in ("none", "sampled", "filler", "shuffled")} | {"eval_diff", "eval_hard_diff"}
 

@@ -1,0 +1,361 @@
+"""research/levers.py: thinking at chosen positions (entropy:Q, random:Q, answers), groups of thoughts and their
+baselines, the two reward sources, the bounded mixing weight and the warm start's forced thoughts. Thinking at a
+subset of positions must equal thinking at every position restricted to that subset: the streams never see each
+other, so the same thoughts give the same log-probs, rewards and gradients."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model, word_tokenizer
+
+import fast
+import generate
+import train
+from qstar import MixingHead, QuietStar, QuietStarConfig, at_streams
+from research import content, levers
+from research.levers import (BoundedMixingHead, LeverConfig, Levers, answer_positions, lever_advantages,
+                             reward_sources, select_positions)
+
+V, B, T, L, M = 37, 2, 11, 3, 2
+AT = torch.tensor([[0, 4, 7, 9], [2, 3, 8, 10]])      # (B, K=4), unequal gaps; 10 = T-1 has no next token
+
+
+def make_qstar(window, fast_paths, **overrides) -> QuietStar:
+    cfg = LeverConfig(**dict(thought_len=L, n_true=3, n_thoughts=M, post_nll_weight=0.5) | overrides)
+    qs = Levers(tiny_model(V, window=window), cfg, word_tokenizer(V - 1)).double()
+    torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.1)       # a trained-looking head: every path live
+    return fast.use(qs, fast_paths)
+
+
+def rollout(qs, tokens, thought_ids, at):
+    """Steps 1-3 with given thoughts -> the thoughts' log-probs (B*M, K) and talk's outputs (B*M, N, K)."""
+    h_base, cache = qs.base_pass(tokens)
+    _, thought_logp = qs.think(tokens, cache, qs.config.n_thoughts, thought_ids, at)
+    return {"thought_logp": thought_logp, **qs.talk(tokens, h_base, cache, qs.config.n_thoughts)}
+
+
+def per_stream_and_grads(qs, tokens, thought_ids, at):
+    qs.zero_grad()
+    out = rollout(qs, tokens, thought_ids, at)
+    sum(v.sum() for v in out.values()).backward()
+    return out, {n: p.grad.clone() for n, p in qs.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["fast", "dense"])
+@pytest.mark.parametrize("window", [None, 4, 7], ids=["no-window", "window4", "window7"])
+def test_thinking_at_a_subset_equals_thinking_everywhere_restricted(fast_paths, window):
+    qs = make_qstar(window, fast_paths)
+    tokens = torch.randint(0, V, (B, T))
+    ids = torch.randint(0, V, (B * M, T, L))                              # the same thoughts for both
+    at_rows = AT.repeat_interleave(M, dim=0)                              # (B*M, K)
+    sub_ids = ids.gather(1, at_rows[..., None].expand(-1, -1, L))
+    full, _ = per_stream_and_grads(qs, tokens, ids, None)
+    sub, sub_grads = per_stream_and_grads(qs, tokens, sub_ids, AT)
+    # fp64: the same sums in another order (< 1e-13 here); a stream that saw another's thought moves them by ~0.1
+    for name in full:
+        assert torch.allclose(sub[name], at_streams(full[name], at_rows), atol=1e-12, rtol=0), name
+    assert (sub["logp_mixed"][-1, :, -1] == 0).all()                            # position T-1: nothing to predict
+    # the gradient of the subset's outputs, summed, equals that of the same entries of the full run
+    qs.zero_grad()
+    full = rollout(qs, tokens, ids, None)
+    sum(at_streams(v, at_rows).sum() for v in full.values()).backward()
+    for name, p in qs.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(sub_grads[name], p.grad, atol=1e-11, rtol=0), name
+
+
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["fast", "dense"])
+def test_training_at_a_subset_gives_the_rewards_of_those_positions(fast_paths, monkeypatch):
+    """forward with think_at entropy:Q: the rewards REINFORCE sees at the selected positions are the full run's."""
+    qs = make_qstar(5, fast_paths)
+    tokens = torch.randint(0, V, (B, T))
+    ids = torch.randint(0, V, (B * M, T, L))
+    seen = {}
+    monkeypatch.setattr(levers, "reinforce_loss", lambda advantage, *a: seen.setdefault("reward", []).append(advantage)
+                        or advantage.sum() * 0)
+    monkeypatch.setattr(levers, "select_positions", lambda logits, ok, fraction, by: seen.setdefault("by", by) and AT)
+
+    def think(tokens, cache, n_thoughts, thought_ids=None, at=None):
+        given = ids if at is None else ids.gather(1, at.repeat_interleave(M, 0)[..., None].expand(-1, -1, L))
+        return QuietStar.think(qs, tokens, cache, n_thoughts, given, at)
+    monkeypatch.setattr(qs, "think", think)
+    for reward_from, rule in (("mixed", "entropy"), ("post", "random")):
+        seen.clear()
+        qs.config.reward_from, qs.config.think_at = reward_from, "all"
+        qs(tokens)
+        qs.config.think_at = f"{rule}:0.4"
+        qs(tokens)
+        full, sub = seen["reward"]                                         # advantages (B, M, T) and (B, M, K)
+        assert seen["by"] == rule
+        assert torch.allclose(sub, at_streams(full, AT), atol=1e-12, rtol=0), reward_from
+        assert (sub[1, :, -1] == 0).all() and sub.abs().sum() > 0
+
+
+def test_entropy_selection_by_hand():
+    """V = 4. Entropies: uniform over 4 = log 4, nearly one-hot ~ 0, uniform over 2 = log 2, over 3 = log 3."""
+    inf = float("inf")
+    logits = torch.tensor([[[0.0, 0, 0, 0], [50, 0, 0, 0], [0, 0, -inf, -inf], [0, 0, 0, -inf]]])  # (1, T-1=4, V)
+    ok = torch.ones(1, 4, dtype=torch.bool)
+    assert select_positions(logits, ok, 0.5).tolist() == [[0, 3]]        # ceil(0.5 * 4) = 2: log 4, log 3
+    assert select_positions(logits, ok, 0.1).tolist() == [[0]]           # ceil(0.4) = 1
+    assert select_positions(logits, ok, 0.75).tolist() == [[0, 2, 3]]
+    assert select_positions(logits, ok, 1.0).tolist() == [[0, 1, 2, 3]]
+    ok[0, 0] = False                                                      # no target there (padding)
+    assert select_positions(logits, ok, 0.5).tolist() == [[2, 3]]
+    two = torch.stack([logits[0], logits[0].flip(0)])                     # each window chooses its own positions
+    assert select_positions(two, torch.ones(2, 4, dtype=torch.bool), 0.25).tolist() == [[0], [3]]
+
+
+def test_random_selection_is_uniform_over_positions_with_a_target():
+    """The control for entropy:Q: the same count, ceil(Q * (T-1)), drawn uniformly among positions with a target,
+    whatever the logits say. 3 of the 5 positions with a target (1 has none): each is chosen with probability 3/5."""
+    logits = torch.zeros(1, 6, 4)
+    logits[0, 2, 0] = 50.0                                                # a sure position: entropy would skip it
+    ok = torch.tensor([[True, False, True, True, True, True]])
+    torch.manual_seed(0)
+    picks = torch.stack([select_positions(logits, ok, 0.5, by="random")[0] for _ in range(4000)])   # (4000, 3)
+    assert (picks[:, 1:] > picks[:, :-1]).all()                           # distinct and ascending
+    counts = torch.bincount(picks.flatten(), minlength=6) / 4000
+    assert counts[1] == 0
+    # 3/5 = 0.6; the binomial std of one frequency over 4000 draws is sqrt(0.6 * 0.4 / 4000) = 0.0077: 5 sigma
+    assert ((counts[[0, 2, 3, 4, 5]] - 0.6).abs() < 0.039).all(), counts
+
+
+def test_think_at_is_parsed_and_checked():
+    assert LeverConfig().think_fraction is None and LeverConfig(think_at="answers").think_fraction is None
+    assert LeverConfig(think_at="entropy:0.1").think_fraction == 0.1
+    assert LeverConfig(think_at="random:0.25").think_fraction == 0.25
+    assert LeverConfig(think_at="answers+random:0.1").think_rule == "answers+random"
+    for bad in ("entropy", "entropy:0", "entropy:1.5", "uniform:0.1", "random:2", "entropy:x", "answers:0.1"):
+        with pytest.raises(ValueError, match="--think_at must be all, entropy:Q, random:Q, answers or answers"):
+            LeverConfig(think_at=bad)
+    with pytest.raises(ValueError, match="--reward_from must be mixed or post"):
+        LeverConfig(reward_from="mix")
+    with pytest.raises(ValueError, match="its old name 'thought' is now 'post'"):
+        LeverConfig(reward_from="thought")
+    with pytest.raises(ValueError, match="--thought_nll_weight is now --post_nll_weight"):
+        train.parse_args(["--thought_nll_weight=0.5"])
+    assert levers.renamed_settings({"thought_nll_weight": 0.5, "reward_from": "thought"}, old_run=True) == {
+        "post_nll_weight": 0.5, "reward_from": "post"}                   # a saved run's settings still read
+
+
+def test_group_advantages_by_hand():
+    reward = torch.tensor([1.0, 2.0, 3.0, 6.0]).view(1, 4, 1)            # (B=1, M=4, K=1)
+    assert lever_advantages(reward, "mean", False, False).flatten().tolist() == [-2.0, -1.0, 0.0, 3.0]  # mean 3
+    std = math.sqrt((4 + 1 + 0 + 9) / 3)                                   # sample std of 1, 2, 3, 6: 2.1602
+    expected = [-2 / std, -1 / std, 0.0, 3 / std]
+    got = lever_advantages(reward, "mean", True, False).flatten().tolist()
+    assert got == pytest.approx(expected, rel=1e-4)                        # the +1e-4 in the denominator: 5e-5
+    assert lever_advantages(reward, "mean", True, True).flatten().tolist() == pytest.approx(
+        [0, 0, 0, 3 / std], rel=1e-4)
+    same = torch.full((1, 16, 3), 0.7)                                     # M = 16, all equal: nothing to learn
+    assert lever_advantages(same, "mean", True, False).abs().max() == 0
+    # leave-one-out: each minus the mean of the other three: 1 - 11/3, 2 - 10/3, 3 - 9/3, 6 - 6/3
+    assert lever_advantages(reward, "loo", False, False).flatten().tolist() == pytest.approx([-8 / 3, -4 / 3, 0, 4])
+    assert lever_advantages(reward, "loo", False, True).flatten().tolist() == pytest.approx([0, 0, 0, 4])
+
+
+def test_reward_sources_by_hand():
+    """M = 2, two positions. Mixed rewards (0.1, 0.3) and (0.2, 0.2); post-thought ones (1.0, -1.0), (0.5, 2.0)."""
+    rewards = {"mixed": torch.tensor([[0.1, 0.2], [0.3, 0.2]]),          # (B*M = 2, K = 2): thought 0, thought 1
+               "post": torch.tensor([[1.0, 0.5], [-1.0, 2.0]])}
+    out = reward_sources(rewards, torch.ones(1, 2, dtype=torch.bool), 2)
+    assert out["reward_gap_mixed"].item() == pytest.approx((0.2 + 0.0) / 2)
+    assert out["reward_gap_post"].item() == pytest.approx((2.0 + 1.5) / 2)
+    # position 0: mixed says thought 1 is better, post-thought says thought 0; position 1: a tie against thought 1
+    assert out["reward_agreement"].item() == 0.0
+    assert reward_sources(rewards, torch.ones(2, 2, dtype=torch.bool), 1) == {}
+
+
+def test_bounded_mixing_weight_starts_at_one_percent_and_stays_in_0_1():
+    head = BoundedMixingHead(6, 5)
+    h = torch.randn(3, 6)
+    assert torch.allclose(head(h, h), torch.full((3, 1), 0.01), atol=1e-5)   # sigmoid(-4.595) = 0.010001
+    torch.nn.init.normal_(head.net[-1].weight, std=100.0)
+    w = head(100 * torch.randn(50, 6), 100 * torch.randn(50, 6))
+    assert (w >= 0).all() and (w <= 1).all() and w.min() < 0.01 < 0.99 < w.max()
+    assert (MixingHead(6, 5)(h, h) == 0).all()                           # the official head starts at exactly 0
+    floored = BoundedMixingHead(6, 5, floor=0.05)                        # 0.05 + 0.95 * 0.01 = 0.0595 at the start
+    assert torch.allclose(floored(h, h), torch.full((3, 1), 0.0595), atol=1e-5)
+    torch.nn.init.constant_(floored.net[-1].weight, -1e4)                 # z -> -inf: the floor, not 0
+    assert torch.allclose(floored(h.abs() + 1, h.abs() + 1), torch.full((3, 1), 0.05))
+
+
+def test_the_post_thought_nll_term_trains_the_post_thought_path():
+    """post_nll_weight > 0 adds its NLL to the loss; the loss moves by exactly weight * nll_post."""
+    tokens = torch.randint(0, V, (B, T))
+    outs = {}
+    for weight in (0.0, 0.5):
+        qs = make_qstar(5, True, post_nll_weight=weight)
+        torch.manual_seed(3)
+        outs[weight] = qs(tokens)
+    assert outs[0.0]["nll_post"].item() == pytest.approx(outs[0.5]["nll_post"].item(), abs=1e-12)
+    assert (outs[0.5]["loss"] - outs[0.0]["loss"]).item() == pytest.approx(0.5 * outs[0.5]["nll_post"].item(),
+                                                                           abs=1e-12)
+
+
+@pytest.mark.parametrize("M_", [1, 16])
+def test_groups_of_one_to_sixteen_thoughts_at_selected_positions(M_):
+    qs = make_qstar(5, True, n_thoughts=M_, think_at="entropy:0.3", group_std=True)
+    out = qs(torch.randint(0, V, (B, T)))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and qs.markers.stored.grad.abs().max() > 0
+    assert ("reward_agreement" in out) == (M_ >= 2)
+
+
+def test_subset_on_the_real_model():
+    """SmolLM2-135M in fp64: streams at 3 of the positions equal the same streams of the full run (~1e-13)."""
+    from machinery.hf_io import load_pretrained
+    model, tok = load_pretrained("smollm2-135m", dtype=torch.float64)
+    qs = fast.use(QuietStar(model, QuietStarConfig(thought_len=3, n_true=2, n_thoughts=1), tok))
+    tokens = torch.tensor([tok.encode("Q: Tom has 3 apples and buys 4 more. How many?\nA: 7.").ids])
+    ids = torch.tensor([tok.encode(" 3+4=").ids[:3]]).expand(tokens.shape[1], -1)[None]     # (1, T, 3)
+    at = torch.tensor([[2, 9, tokens.shape[1] - 3]])
+    with torch.no_grad():
+        full = rollout(qs, tokens, ids, None)
+        sub = rollout(qs, tokens, ids.gather(1, at[..., None].expand(-1, -1, 3)), at)
+    for name in full:   # fp64 rounding through 30 layers ~1e-13; a wrong mask moves log-probs by O(1)
+        assert torch.allclose(sub[name], at_streams(full[name], at), atol=1e-9, rtol=0), name
+
+
+def test_scoring_only_the_answer_positions_equals_scoring_all():
+    """content.score_focus thinks at the focus positions alone; there it equals token_scores with the same thoughts
+    (sampled, another window's, filler, oracle). Outputs are rounded to fp32 from this fp64 model: 4 x 6e-8."""
+    import eval as qeval
+    qs = make_qstar(5, True, n_thoughts=1)
+    W = 5
+    windows, oracle = torch.randint(0, V, (W, T)), torch.randint(0, V, (W, T, L))
+    focus = torch.zeros(W, T - 1, dtype=torch.bool)
+    focus[:, 6], focus[:3, 7], focus[4] = True, True, False               # 1 or 2 answer digits; none in one
+    got = content.score_focus(qs, windows, focus, 5, batch_size=2, oracle=oracle)
+    for name, thoughts in (("sampled", got["thought_ids"]), ("shuffled", got["donor_ids"]), ("oracle", oracle),
+                           ("filler", torch.full_like(oracle, 5))):
+        full = generate.token_scores(qs, windows, thoughts)
+        assert torch.allclose(full["nll_mixed"][focus].float(), got[name][focus], atol=1e-6, rtol=0), name
+        assert torch.allclose(full["nll_post"][focus].float(), got[f"post_{name}"][focus], atol=1e-6, rtol=0), name
+    assert torch.allclose(generate.token_scores(qs, windows)["nll_base"][focus].float(), got["none"][focus], atol=1e-6)
+    assert (got["sampled"][~focus] == 0).all()
+    # the shuffled thought at an answer is the next window's thought at its answer
+    assert torch.equal(got["donor_ids"][0, 6], got["thought_ids"][1, 6])
+    compared = qeval.compare_thoughts(got, focus, focus_only=True)       # nothing else was scored
+    assert set(compared) == {"focus", "mix_weight"} and "oracle-none" in compared["focus"]["diff"]
+    assert compared["focus"]["n_tokens"] == 7
+
+
+def test_answers_selected_counts_answers_whose_first_digit_is_chosen(monkeypatch):
+    qs = make_qstar(5, True, think_at="entropy:0.2")
+    focus = torch.zeros(2, T - 1, dtype=torch.bool)
+    focus[0, [3, 4]], focus[1, 5] = True, True                            # first digits predicted at 3 and 5
+    monkeypatch.setattr(content, "select_positions", lambda logits, ok, q, by: torch.tensor([[3, 7], [1, 2]]))
+    assert content.answers_selected(qs, torch.randint(0, V, (2, T)), focus) == 0.5
+
+
+def test_the_answers_rule_picks_the_positions_before_each_answers_first_digit():
+    """answer_start marks each bare answer's first digit x_t; the stream sits at position t - 1, which predicts it.
+    Window 0: answers start at tokens 4 and 9 -> positions 3 and 8. Window 1: none -> padding only. Window 2: one
+    at token 1 -> position 0; with an extra position 5 (answers+random) -> 0 and 5."""
+    start = torch.zeros(3, 10, dtype=torch.bool)
+    start[0, [4, 9]], start[2, 1] = True, True
+    at, real = answer_positions(start)
+    assert at.tolist() == [[3, 8], [0, 0], [0, 0]] and real.tolist() == [[True, True], [False, False], [True, False]]
+    at, real = answer_positions(start, extra=torch.tensor([[3], [2], [5]]))   # 3 is already an answer position
+    assert at[2].tolist() == [0, 5] and real.tolist() == [[True, True], [True, False], [True, True]]
+    assert at[1, 0] == 2
+
+
+def test_forced_thoughts_are_the_oracle_and_learn_by_their_nll_alone():
+    """The warm start at full strength: every stream at an answer position carries the oracle tokens (nothing
+    sampled there), REINFORCE sees none of them, and nll_forced is the mean NLL of the oracle's tokens computed by
+    hand: the model run on the sequence x_0 .. x_i, <start>, c_1 .. c_L as ordinary causal text (fp64)."""
+    qs = make_qstar(None, False, think_at="answers", n_thoughts=3, forced_nll_weight=1.0)
+    tokens = torch.randint(0, V, (B, T))
+    start = torch.zeros(B, T, dtype=torch.bool)
+    start[0, 5], start[1, 8] = True, True                                 # positions 4 and 7 think
+    oracle = torch.randint(1, V - 1, (B, T, L))
+    qs.forced_fraction = 1.0
+    seen = {}
+    monkeypatch_think = qs.think
+
+    def think(*args, **kwargs):
+        ids, logp = monkeypatch_think(*args, **kwargs)
+        seen["ids"], seen["logp"] = ids, logp
+        return ids, logp
+    qs.think = think
+    valid_seen = {}
+    original = levers.reinforce_loss
+    levers.reinforce_loss = lambda advantage, logp, valid: valid_seen.setdefault("valid", valid) * 0 + original(
+        advantage, logp, valid)
+    try:
+        out = qs(tokens, answer_start=start, oracle=oracle)
+    finally:
+        levers.reinforce_loss = original
+    for b, i in ((0, 4), (1, 7)):
+        for m in range(3):
+            assert seen["ids"][b * 3 + m, 0].tolist() == oracle[b, i].tolist()
+    assert not valid_seen["valid"].any()                                   # no sampled stream: REINFORCE is empty
+    assert out["forced_streams"].item() == 1.0 and out["answer_streams"].item() == 0.0
+    # by hand: log p(c_j | x_0 .. x_i, <start>, c_1 .. c_{j-1}) on the plain causal model
+    start_marker, _ = qs.marker_embeddings()
+    nlls = []
+    for b, i in ((0, 4), (1, 7)):
+        embeds = torch.cat([qs.model.embed(tokens[b, :i + 1]), start_marker[None], qs.model.embed(oracle[b, i])])
+        h = qs.model.hidden(embeds[None], torch.arange(i + 2 + L))[0]
+        logits = qs.thought_token_logits(h[i + 1:i + 1 + L])             # predicts c_1 .. c_L
+        nlls.append(-logits.log_softmax(-1).gather(1, oracle[b, i][:, None]).sum() / L)
+    assert out["nll_forced"].item() == pytest.approx(torch.stack(nlls).mean().item(), abs=1e-10)   # fp64 sums
+
+
+def test_partly_forced_streams_mix_samples_and_the_oracle():
+    qs = make_qstar(5, True, think_at="answers", n_thoughts=8)
+    start = torch.zeros(B, T, dtype=torch.bool)
+    start[:, 6] = True
+    oracle = torch.randint(1, V - 1, (B, T, L))
+    qs.forced_fraction = 0.5
+    torch.manual_seed(0)
+    out = qs(torch.randint(0, V, (B, T)), answer_start=start, oracle=oracle)
+    assert 0 < out["forced_streams"].item() < 1 and out["answer_streams"].item() == 1.0
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and qs.markers.stored.grad.abs().max() > 0
+
+
+def test_the_forced_fraction_schedule():
+    """forced_steps 3, then a linear fall over forced_decay 4 steps: 1, 1, 1, 0.8, 0.6, 0.4, 0.2, 0, 0."""
+    cfg = train.TrainConfig(forced_steps=3, forced_decay=4)
+    assert [train.forced_fraction(cfg, t) for t in range(9)] == pytest.approx([1, 1, 1, 0.8, 0.6, 0.4, 0.2, 0, 0])
+    assert train.forced_fraction(train.TrainConfig(), 0) == 0.0          # no warm start: never forced
+
+
+def test_problem_windows_hold_one_whole_problem_each():
+    from data import ProblemWindows, bare_answer_spans
+    tok = word_tokenizer(V - 1)
+    texts = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"]
+    windows = ProblemWindows(texts, tok, 6, eos_id=0, seed=0, focus=lambda t: [(3, 5)] if t == "w4 w5" else [])
+    assert windows.tokens[1].tolist()[:3] == tok.encode("w4 w5").ids + [0]
+    assert windows.loss_mask.sum(1).tolist() == [4, 3, 5]                 # the tokens and their own EOS
+    assert windows.focus[1].tolist() == [False, True, False, False, False, False]
+    with pytest.raises(ValueError, match="--seq_len must hold the longest"):
+        ProblemWindows(texts, tok, 4, eos_id=0, seed=0, focus=bare_answer_spans)
+    batch = windows.batch(3, 5)
+    assert set(batch) == {"tokens", "focus", "loss_mask"} and batch["tokens"].shape == (5, 6)
+
+
+def test_headroom_reads_the_format_and_the_answer(monkeypatch):
+    """A fake model answers add problems bare and right, sub problems worked and wrong by one, mul problems in
+    neither format, multi problems bare and wrong: the table counts exactly that."""
+    from data import worked_steps
+
+    def fake_decode(model, tokenizer, prompt, max_new_tokens, stop=()):
+        steps = worked_steps(prompt)
+        answer = int(steps.rstrip(".").split("=")[-1])
+        text = {"+": f" {answer}.\n", "-": f" {steps} The answer is {answer + 1}.\n", "*": " I do not know.\n"}
+        op = next(c for c in steps if c in "+-*")                         # the first step's operation
+        return type("G", (), {"text": f" {answer - 1}.\n" if steps.count("=") == 3 else text[op]})()
+    monkeypatch.setattr(content, "decode", fake_decode)
+    table = content.headroom(None, None, n_per_kind=5)
+    assert table["add"]["bare"]["n"] == 5 and table["add"]["bare"]["accuracy"] == 1.0
+    assert table["sub"]["worked"]["n"] == 5 and table["sub"]["worked"]["correct"] == 0
+    assert table["mul"]["other"]["n"] == 5
+    assert table["multi"]["bare"]["n"] == 5 and table["multi"]["bare"]["correct"] == 0
+    assert content.read_answer(" 4*6=24. 23+24=47. The answer is 47.\n") == ("worked", 47)
+    assert content.read_answer(" 47.\nQ:") == ("bare", 47)
