@@ -11,15 +11,18 @@
 
 A checkpoint is written complete into a temporary folder, then renamed to checkpoint-NNNNNN, then `latest` is
 replaced (os.replace: atomic), then older checkpoints go. A crash at any point leaves `latest` naming a complete
-checkpoint (tests/test_crash.py kills runs with SIGKILL in each of these phases). A write that fails (disk full,
-read-only folder) raises CheckpointWriteError and leaves `latest` where it was. Loading or resuming a checkpoint
+checkpoint (tests/test_crash.py kills runs with SIGKILL in each of these phases). A checkpoint that cannot fit in
+the free space is refused before a byte is written; a write that fails for the storage's sake (disk full, quota,
+read-only folder, I/O error) raises CheckpointWriteError and leaves `latest` where it was. Loading or resuming a checkpoint
 checks every file against the manifest's size and SHA-256, so a file altered after it was written is refused by
 name. load_pretrained("out_dir") and load_quietstar("out_dir") follow `latest`.
 """
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -27,7 +30,17 @@ from pathlib import Path
 from machinery.cli import UsageError
 
 LATEST, MANIFEST, LOCK = "latest", "manifest.json", ".lock"
-FULL_DISK = 1 << 20        # bytes free under which a failed write is put down to a full disk
+# The errors whose cause is the storage, not the code: no space, over quota, a file too large for the file system
+# (FAT's 4 GiB), a failing disk, a read-only folder, a permission taken away (EPERM is Linux's EACCES for an
+# immutable file or a sticky folder). Any other error in a checkpoint write is a bug and keeps its traceback.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM)
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)         # those after which the space needed and free are worth naming
+# The estimate of a checkpoint's size (checkpoint_bytes) adds to the tensors' data and the text files:
+PER_TENSOR = 1024          # a tensor's safetensors header entry (name, dtype, shape, offsets) or its torch.save
+                           # zip record (local and central headers, 64-byte alignment, pickle): measured ~230 bytes
+                           # a tensor for 50-character names; 1 KiB leaves room for names 4 times as long
+RESERVE = 1 << 20          # the small JSON files (manifest, configs: a few kB) and each file's last partial block
+MARGIN = 1.01              # file-system metadata for large files (ext4: ~0.01% in extent blocks): 1% is ample
 # What loading a model reads (not train_state.pt, the optimizer's state: twice the model's size)
 MODEL_PARTS = ("config.json", "model.safetensors", "tokenizer.json", "quietstar.safetensors", "quietstar.json",
                "adapter_model.safetensors", "adapter_config.json")
@@ -49,6 +62,60 @@ def crash_point(phase: str):
         CRASH_COUNTS[phase] = CRASH_COUNTS.get(phase, 0) + 1
         if CRASH_COUNTS[phase] == int(wanted.split(":")[1] if ":" in wanted else 1):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def storage_errno(error: BaseException) -> int | None:
+    """The errno (one of STORAGE_ERRNOS) that caused `error`, or None for an error the storage did not cause.
+    Found in the error itself or in what it chains (__cause__, __context__): an OSError's errno; safetensors' and
+    tokenizers' Rust "... (os error 28)"; torch.save's RuntimeError, written through a Python file, chains the
+    file's OSError; failing those, the errno's text ("No space left on device")."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return error.errno
+        text = str(error)
+        for number in map(int, re.findall(r"os error (\d+)", text)):
+            if number in STORAGE_ERRNOS:
+                return number
+        for number in STORAGE_ERRNOS:
+            if os.strerror(number) in text:
+                return number
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def tensors_in(obj):
+    """Every tensor in nested dicts, lists and tuples (a state dict, an optimizer's state)."""
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from tensors_in(item)
+    elif hasattr(obj, "element_size"):          # a tensor (this module does not import torch)
+        yield obj
+
+
+def checkpoint_bytes(*states, text_bytes: int = 0) -> int:
+    """An upper estimate of the bytes a checkpoint of these states (state dicts, optimizer state) takes on disk,
+    plus text_bytes of text files (tokenizer.json): every tensor's data, PER_TENSOR beside it, RESERVE for the
+    small files, times MARGIN. A tensor shared by two states (a tied embedding) counts twice: an overestimate."""
+    tensors = [t for state in states for t in tensors_in(state)]
+    data = sum(t.numel() * t.element_size() for t in tensors)
+    return int((data + PER_TENSOR * len(tensors) + text_bytes + RESERVE) * MARGIN)
+
+
+def human(n: int) -> str:
+    """Bytes as df -h counts them (1 MiB = 2**20 bytes), two decimals, so that close sizes still differ."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def space(needed: int, out_dir: Path) -> str:
+    return f"it needs about {human(needed)}, {human(shutil.disk_usage(out_dir).free)} free"
 
 
 def sha256_of(path: Path) -> str:
@@ -77,16 +144,21 @@ def _fsync(path: Path):
         os.close(fd)
 
 
-def write_checkpoint(out_dir: Path, step: int, write_files) -> Path:
+def write_checkpoint(out_dir: Path, step: int, write_files, needed: int) -> Path:
     """write_files(folder) writes a checkpoint's files into a fresh folder; this makes it the latest, atomically.
-    Any OSError on the way (ENOSPC, EROFS, EACCES, a failed rename) removes what this call wrote, leaves `latest`
-    as it was and raises CheckpointWriteError."""
+    needed: the bytes the checkpoint takes (checkpoint_bytes); with less free space in out_dir it is refused before
+    anything is written. An error the storage caused on the way (storage_errno: ENOSPC from any writer, EROFS, a
+    failed rename...) removes what this call wrote, leaves `latest` as it was and raises CheckpointWriteError;
+    any other error is cleaned up the same way and raised as it is (a bug)."""
     out_dir = Path(out_dir)
     tmp = out_dir / f".tmp-checkpoint-{step:06d}-{os.getpid()}"
     final = out_dir / f"checkpoint-{step:06d}"
     pointer = out_dir / f".{LATEST}.tmp"
+    failed = f"could not write the checkpoint of step {step} in {out_dir}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
+        if needed > shutil.disk_usage(out_dir).free:
+            raise CheckpointWriteError(f"{failed} (not enough free space: {space(needed, out_dir)})")
         tmp.mkdir()
         write_files(tmp)
         crash_point("files")
@@ -104,19 +176,17 @@ def write_checkpoint(out_dir: Path, step: int, write_files) -> Path:
         crash_point("pointer")
         os.replace(pointer, out_dir / LATEST)       # the switch: one atomic rename
     except Exception as e:
-        try:
-            free = shutil.disk_usage(out_dir).free
-        except OSError:
-            free = None
-        if isinstance(e, OSError):
-            reason = f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
-        elif free is not None and free < FULL_DISK:    # torch.save and safetensors say "disk full" their own way
-            reason = f"No space left on device: {free:,} bytes free ({type(e).__name__}: {str(e).splitlines()[0]})"
-        else:
-            raise                   # not a storage failure: a bug, with its traceback
+        shutil.rmtree(tmp, ignore_errors=True)      # first, so that the free space below is what a retry has
+        pointer.unlink(missing_ok=True)
         if final.exists() and latest_checkpoint(out_dir) != final:
             shutil.rmtree(final, ignore_errors=True)
-        raise CheckpointWriteError(f"could not write the checkpoint of step {step} in {out_dir} ({reason})") from e
+        number = storage_errno(e)
+        if isinstance(e, CheckpointWriteError) or number is None:
+            raise                                   # refused above, or not the storage: a bug, with its traceback
+        reason = os.strerror(number) + (f": {e.filename}" if isinstance(e, OSError) and e.filename else "")
+        if number in SPACE_ERRNOS:
+            reason += f"; {space(needed, out_dir)}"
+        raise CheckpointWriteError(f"{failed} ({reason})") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         pointer.unlink(missing_ok=True)
