@@ -3,11 +3,11 @@ The machinery around a run (command line, Ctrl-C, checkpoints, resume, torchrun)
 
     python train.py                                # CPU quick start: SmolLM2-135M, built-in arithmetic text
     python train.py --preset smoke                 # the whole loop in about a minute: the run to step through
-    python train.py --preset content               # thoughts before bare answers (research/levers.py; README)
+    python train.py --preset answers               # thoughts before bare answers (research/levers.py; README)
     python train.py --data ../shared/data/gsm8k/train.jsonl --max_steps 200
     python train.py --preset paper --lora_rank 16  # one GPU: Mistral-7B, the official hyperparameters
     python train.py --out_dir out --resume         # continue a run exactly where its checkpoint left it
-    python train.py --no-fast                      # the plain path of qstar.py, the one the README teaches
+    python train.py --fast                         # fast.py's twins: equal step by step, about 7% faster
     python train.py --help                         # every option, its default and what it does
 
 Every field of TrainConfig (below) and of qstar.QuietStarConfig is an option.
@@ -43,7 +43,7 @@ from research.levers import LeverConfig, Levers, build
 
 @dataclass
 class TrainConfig:
-    preset: str = "cpu"             # cpu: the default run; smoke: a minute; think, content: bare answers; paper: 7B
+    preset: str = "cpu"             # cpu: the default run; smoke: a minute; think, entropy, answers: bare answers; paper: 7B
     model: str = "smollm2-135m"     # built-in short name, a local Hugging Face folder or a Hub id
     data: str = "arithmetic"        # arithmetic (built in) | a .txt or .jsonl file | a Hub dataset name
     bare_fraction: float = 0.0      # arithmetic: the fraction of problems answered bare ("A: 47.") instead of worked
@@ -79,8 +79,8 @@ class TrainConfig:
     dist_timeout: int = 1800        # seconds a rank waits for the others (a failed rank) before stopping with an error
     seed: int = 1337                # data order, thought samples and initialisation
     threads: int = 0                # CPU threads for torch; 0 = torch's default
-    fast: bool = True               # fast.py's twins (equal per step, less time and memory); --no-fast: qstar.py's plain
-                                    # path, the one the README teaches and a debugger should step through
+    fast: bool = False              # qstar.py's plain path, the one the README teaches (about 7% slower per step);
+                                    # --fast: fast.py's equal twins
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_windows", "eval_answers",
@@ -112,7 +112,7 @@ PRESETS = {
     # The whole loop (base pass, thoughts, talk, reward, learning, an evaluation with its controls, a checkpoint,
     # the thoughts page) in about a minute and under 2 GB: LoRA on the 135M model, tiny windows and thoughts.
     "smoke": dict(max_steps=3, plain_steps=1, batch_size=1, seq_len=24, thought_len=2, n_true=1, n_thoughts=2,
-                  lora_rank=4, lr=1e-3, fast=False, eval_interval=3, eval_windows=2, save_interval=3,
+                  lora_rank=4, lr=1e-3, eval_interval=3, eval_windows=2, save_interval=3,
                   warmup_steps=1, grad_split_interval=0),
     # Thinking aimed at bare answers (README, "Does thinking help?"): half the problems are answered bare
     # ("A: 47."), half worked ("A: 4*6=24. 23+24=47. ..."); 200 cheap plain steps teach the worked format; then 60
@@ -128,12 +128,22 @@ PRESETS = {
                     lr_markers=1e-4, think_at="entropy:0.2", n_thoughts=4, thought_len=12, n_true=4,
                     reward_from="post", post_nll_weight=0.5, bounded_mixing=True, eval_interval=25,
                     eval_windows=4, eval_answers=64, save_interval=25),
+    # Thoughts where the answers are (research/levers.py; not yet measured across seeds): after the plain phase,
+    # windows of one bare problem each, streams only before each answer's first digit, 16 thoughts there with a
+    # leave-one-out baseline, negative advantages kept; a warm start forces the worked step for 20 steps, then
+    # fades over 20; the post-thought prediction is the reward and learns by its own NLL; w >= 0.05.
+    "answers": dict(bare_fraction=0.5, plain_steps=60, plain_batch_size=8, max_steps=120, batch_size=8, lr=1e-4,
+                    lr_markers=1e-4, think_windows="problem", think_bare_fraction=1.0, think_at="answers",
+                    n_thoughts=16, thought_len=10, n_true=4, forced_steps=20, forced_decay=20, baseline="loo",
+                    group_std=True, clip_negative_advantage=False, reward_from="post", post_nll_weight=0.5,
+                    bounded_mixing=True, mixing_floor=0.05, eval_interval=20, eval_windows=2, eval_answers=64,
+                    save_interval=20, fast=True),
     # The authors' run (docs/official_code.md): Mistral-7B-v0.1, OpenWebMath, 256-token windows, 8 documents per
     # step, n_ahead 12 (9 thought tokens), n_ahead_talk 4, n_passes 2, lr 1e-6, 20 warm-up steps, ~100 steps.
     "paper": dict(model="mistralai/Mistral-7B-v0.1", data="open-web-math/open-web-math", max_steps=100,
                   batch_size=4, grad_accum=2, seq_len=256, lr=1e-6, lr_mixing_head=1e-6, lr_markers=1e-6,
                   weight_decay=0.001, warmup_steps=20, eval_interval=10, save_interval=100, eval_windows=32,
-                  thought_len=9, n_true=4, n_thoughts=2, activation_checkpointing=True),
+                  thought_len=9, n_true=4, n_thoughts=2, activation_checkpointing=True, fast=True),
 }
 # Settings a resumed run cannot change: they define the model, its parameters or the thought's shape. The thought's
 # may change while the checkpoint is still in the plain phase: then several thinking recipes can share one.

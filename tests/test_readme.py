@@ -81,6 +81,8 @@ def test_file_map_line_counts_match_the_files():
     machinery = {f"machinery/{p.name}" for p in (ROOT / "machinery").glob("*.py")}
     assert machinery, "machinery/ holds the run's machinery"
     assert machinery <= listed, f"files missing from the README's file map: {sorted(machinery - listed)}"
+    research = {f"research/{p.name}" for p in (ROOT / "research").glob("*.py")}
+    assert research <= listed, f"files missing from the README's file map: {sorted(research - listed)}"
 
 
 def heading_lines() -> dict[str, int]:
