@@ -1,6 +1,6 @@
 """The fast twins of three plain steps of qstar.py: the same values and gradients (tests/test_qstar.py and
 tests/test_fast.py prove it), less time and memory. fast.use(qs) swaps all three in (one switch each); train.py
-does unless --no-fast.
+does with --fast (on in --preset paper and answers).
 
 1. ThoughtCache, twin of qstar.DenseThoughtCache: the thought passes' attention without the dense mask. A thought
    query attends

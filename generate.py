@@ -28,11 +28,11 @@ from qstar import QuietStar, at_streams, mix, sample_from_logits
 # ---- every position at once: one thought per position, the prediction after it ------------------------------
 
 def end_hidden(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.Tensor | None = None,
-               at: torch.Tensor | None = None):
-    """One thought per position (or per position in at (B, K)), up to <end>: -> h_base (B, T, D), h_end (B, T or K,
-    D) and the thought ids (B, T or K, L)."""
+               at: torch.Tensor | None = None, n_thoughts: int = 1):
+    """n_thoughts thoughts per position (or per position in at (B, K)), up to <end>, after one base pass: ->
+    h_base (B, T, D), h_end (B*n, T or K, D) and the thought ids (B*n, T or K, L), rows b*n .. b*n+n-1 for text b."""
     h_base, cache = qs.base_pass(tokens)
-    ids, _ = qs.think(tokens, cache, 1, thought_ids, at)
+    ids, _ = qs.think(tokens, cache, n_thoughts, thought_ids, at)
     _, end = qs.marker_embeddings()
     return h_base, qs._pass(end.expand(*ids.shape[:2], -1), qs.end_offset, cache), ids
 
@@ -71,13 +71,18 @@ def predict(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.Tensor | Non
 def scores_at(qs: QuietStar, tokens: torch.Tensor, at: torch.Tensor, thought_ids: torch.Tensor | None = None) -> dict:
     """token_scores for the positions at (B, K) only (each with a next token), thinking there alone: nll_base,
     nll_mixed, nll_post, mix_weight (B, K) and thought_ids (B, K, L). Far cheaper when only a few positions matter (the
-    digits of a bare answer); equal to token_scores there (tests/test_think_at.py)."""
-    h_base, h_end, ids = end_hidden(qs, tokens, thought_ids, at)                # h_end (B, K, D)
-    h_same = at_streams(h_base.transpose(1, 2), at).transpose(1, 2)              # h_base at the same positions
-    mix_weight, targets = qs.mixing_head(h_same, h_end), tokens.gather(1, at + 1)
-    return {"nll_base": -qs._token_logp(h_same, targets),
-            "nll_mixed": -qs._token_logp(mix(h_same, h_end, mix_weight), targets),
-            "nll_post": -qs._token_logp(h_end, targets), "mix_weight": mix_weight[..., 0], "thought_ids": ids}
+    digits of a bare answer); equal to token_scores there (tests/test_levers.py). Given thoughts (B, P, K, L): P
+    sets scored after one shared base pass (as P thoughts per position), each output (B, P, K)."""
+    B, sets = tokens.shape[0], 1 if thought_ids is None or thought_ids.dim() == 3 else thought_ids.shape[1]
+    given = None if thought_ids is None else thought_ids.reshape(-1, *thought_ids.shape[-2:])      # (B*P, K, L)
+    h_base, h_end, ids = end_hidden(qs, tokens, given, at, sets)                 # h_end (B*P, K, D)
+    h_same = at_streams(h_base.transpose(1, 2), at).transpose(1, 2).repeat_interleave(sets, dim=0)   # h_base there
+    mix_weight, targets = qs.mixing_head(h_same, h_end), tokens.gather(1, at + 1).repeat_interleave(sets, dim=0)
+    out = {"nll_base": -qs._token_logp(h_same, targets),
+           "nll_mixed": -qs._token_logp(mix(h_same, h_end, mix_weight), targets),
+           "nll_post": -qs._token_logp(h_end, targets), "mix_weight": mix_weight[..., 0], "thought_ids": ids}
+    return out if thought_ids is None or thought_ids.dim() == 3 else {k: v.view(B, sets, *v.shape[1:])
+                                                                      for k, v in out.items()}
 
 
 @torch.no_grad()

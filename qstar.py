@@ -27,7 +27,7 @@ only at chosen positions `at` (B, K) (research/levers.py chooses them): the same
 
 Everything here is the plain computation, the one to read and step through: a dense attention mask, log_softmax
 and gather, sampling in plain sight. fast.py holds equal, faster twins (tests/test_qstar.py proves them equal)
-and fast.use(qs) swaps them in (train.py does, unless --no-fast).
+and fast.use(qs) swaps them in (train.py does with --fast).
 """
 
 from dataclasses import dataclass

@@ -3,12 +3,12 @@
     python -m machinery.content_table out-1337 out-1 out-2 --out results/content_seeds.json --svg accuracy.svg
 
 Each run folder holds metrics.jsonl (train.py) and heldout.json, written by
-    python eval.py --model <run> --task nll --data arithmetic --bare_fraction 0.5 --limit 400 --text_windows 8
-                   --seq_len 64 --out <run>/heldout.json
-(built-in problems from a seed no training run uses: eval.HELDOUT_SEED). The start: the same command on the run's
-checkpoint before thinking began (--start, default <run>-step50/heldout.json: --preset content saves step 50, ten
-plain steps before its thinking starts at 60; the plain steps alone teach thoughts to write worked steps), on the
-same answers, so that end - start is a paired difference (bootstrap over answers).
+    python -m research.content --model <run> --limit 400 --seq_len 64 --out <run>/heldout.json
+(built-in problems from a seed no training run uses: eval.HELDOUT_SEED; runs measured before research/content.py
+existed hold the same measures under "answers", written by eval.py's nll task). The start: the same command on the
+run's checkpoint before thinking began (--start, default <run>-step50/heldout.json), on the same answers, so that
+end - start is a paired difference (bootstrap over answers). The table shows the mixed prediction's contrasts and,
+where measured, the post-thought prediction's ("post").
 
 --svg draws each run's thought accuracy over its training steps (train.py's evaluations) beside the same fraction
 for another problem's thought (dashed), as a standalone SVG file.
@@ -38,7 +38,8 @@ def paired_rate_difference(end: list[int], start: list[int], n_boot: int = 2000,
 def seed_row(run: Path, start: dict) -> dict:
     held = json.loads((run / "heldout.json").read_text())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    focus = held["answers"]["focus"]
+    focus = (held["answers"] if "answers" in held else held["mixed"])["focus"]
+    post = held["post"]["focus"]["diff"] if "post" in held else None
     hits, start_hits = held["answer_thoughts"]["sampled_hits"], start["answer_thoughts"]["sampled_hits"]
     if len(hits) != len(start_hits):
         raise ValueError(f"{run}: {len(hits)} answers, the start has {len(start_hits)}: not the same held-out set")
@@ -49,7 +50,7 @@ def seed_row(run: Path, start: dict) -> dict:
     evals = [r for r in rows if "eval_thought_accuracy" in r]
     agreement = [r["reward_agreement"] for r in thinking if "reward_agreement" in r]
     return {"run": str(run), "answers": focus["n_windows"], "answer_tokens": focus["n_tokens"], "nll": focus["nll"],
-            "diff": diffs, "thought_accuracy_start": float(np.mean(start_hits)),
+            "diff": diffs, "post_diff": post, "thought_accuracy_start": float(np.mean(start_hits)),
             "thought_accuracy_end": float(np.mean(hits)), "thought_accuracy_end_minus_start": accuracy,
             "shuffled_thought_accuracy_end": held["answer_thoughts"]["answer_in_shuffled_thought"],
             "content_reward": held.get("content_reward"), "answers_selected": held.get("answers_selected"),

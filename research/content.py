@@ -80,10 +80,11 @@ def score_focus(qs: QuietStar, windows: torch.Tensor, focus: torch.Tensor, fille
         given["oracle"] = oracle.to(windows.device).gather(1, at[..., None].expand(-1, -1, L))
     nll = {"none": torch.cat([s["nll_base"] for s in sampled]), "sampled": torch.cat([s["nll_mixed"] for s in sampled]),
            "post_sampled": torch.cat([s["nll_post"] for s in sampled])}
-    for name, thoughts in given.items():
-        scored = [scores_at(qs, windows[i:i + batch_size], at[i:i + batch_size], thoughts[i:i + batch_size])
-                  for i in batches]
-        nll[name], nll[f"post_{name}"] = (torch.cat([s[key] for s in scored]) for key in ("nll_mixed", "nll_post"))
+    stacked = torch.stack(list(given.values()), dim=1)                         # (W, P, K, L): one base pass
+    scored = [scores_at(qs, windows[i:i + batch_size], at[i:i + batch_size], stacked[i:i + batch_size])
+              for i in batches]
+    for p, name in enumerate(given):
+        nll[name], nll[f"post_{name}"] = (torch.cat([s[key][:, p] for s in scored]) for key in ("nll_mixed", "nll_post"))
 
     def spread(values: torch.Tensor, fill=0.0) -> torch.Tensor:                # (W, K, ..) -> (W, T-1 or T, ..)
         width = T if values.dim() == 3 else T - 1
@@ -107,14 +108,17 @@ def chosen_positions(qs: QuietStar, h_base: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def thought_rewards_at(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.Tensor | None = None):
     """Steps 1-4 with one thought per position: -> rewards {"mixed", "post"} (B, T) (training's reward from
-    each source), the thought ids (B, T, L), and where the model thinks and a next token exists (B, T)."""
-    B, T = tokens.shape
+    each source), the thought ids (B, T, L), and where the model thinks and a next token exists (B, T). Given
+    thoughts (B, P, T, L): P sets after one shared base pass, rewards (B, P, T)."""
+    (B, T), sets = tokens.shape, 1 if thought_ids is None or thought_ids.dim() == 3 else thought_ids.shape[1]
     ok = torch.ones(B, T - 1, dtype=torch.bool, device=tokens.device)
     h_base, cache = qs.base_pass(tokens)
     logp_base = qs._token_logp(h_base[:, :-1], tokens[:, 1:])
-    ids, _ = qs.think(tokens, cache, 1, thought_ids)
-    talk = qs.talk(tokens, h_base, cache, 1)
-    rewards, _ = qs.rewards(tokens, ok, logp_base, talk, torch.arange(T, device=tokens.device).expand(B, T), 1)
+    ids, _ = qs.think(tokens, cache, sets, None if thought_ids is None else thought_ids.reshape(-1, T, thought_ids.shape[-1]))
+    talk = qs.talk(tokens, h_base, cache, sets)
+    rewards, _ = qs.rewards(tokens, ok, logp_base, talk, torch.arange(T, device=tokens.device).expand(B, T), sets)
+    if thought_ids is not None and thought_ids.dim() == 4:
+        rewards = {k: v.view(B, sets, T) for k, v in rewards.items()}
     where = F.pad(ok, (0, 1))
     if getattr(qs.config, "think_fraction", None) is not None:
         where &= torch.zeros_like(where).scatter(1, chosen_positions(qs, h_base), True)
@@ -130,11 +134,12 @@ def content_reward(qs: QuietStar, windows: torch.Tensor, filler_id: int, batch_s
     sampled = [thought_rewards_at(qs, windows[i:i + batch_size]) for i in batches]
     ids = torch.cat([ids for _, ids, _ in sampled])
     where = torch.cat([w for _, _, w in sampled]).cpu()
+    controls = torch.stack([donor_thoughts(ids), torch.full_like(ids, filler_id)], dim=1)   # (W, 2, T, L)
+    other = [thought_rewards_at(qs, windows[i:i + batch_size], controls[i:i + batch_size])[0] for i in batches]
     out = {}
-    for control, thoughts in (("", donor_thoughts(ids)), ("_filler", torch.full_like(ids, filler_id))):
-        other = [thought_rewards_at(qs, windows[i:i + batch_size], thoughts[i:i + batch_size])[0] for i in batches]
+    for p, control in enumerate(("", "_filler")):                               # shuffled, filler
         out |= {source + control: paired_difference(torch.cat([r[source] for r, _, _ in sampled]).float().cpu(),
-                                                    torch.cat([r[source] for r in other]).float().cpu(), where,
+                                                    torch.cat([r[source][:, p] for r in other]).float().cpu(), where,
                                                     seed=seed)
                 for source in ("mixed", "post")}
     return out
