@@ -11,8 +11,7 @@ Paper: Zelikman et al. 2024, "Quiet-STaR: Language Models Can Teach Themselves t
   4. reward    - how much the thought raised log p(x_{i+1} .. x_{i+N}) over no thought; the baseline is the mean
                  over the M thoughts sampled at the same position (thought_rewards, advantages);
   5. learn     - NLL of the base and the mixed predictions, plus REINFORCE on the thought tokens
-                 (reinforce_loss).
-The README's walk-through and the docstrings below use the same numbers.
+                 (reinforce_loss). The README's walk-through and the docstrings below use the same numbers.
 
 Shapes: B batch, T tokens, M thoughts per position (n_thoughts), L thought length (thought_len), N true tokens
 scored after a thought (n_true), D model width, V vocabulary. Rows of size B*M hold thought m of text b at
@@ -235,10 +234,9 @@ def pick_marker_token(tokenizer) -> tuple[str, int]:
 
 
 class QuietStar(nn.Module):
-    """A Mistral that thinks. QuietStar(model, config, tokenizer)(tokens) -> dict of loss parts.
-
-    forward runs the five steps of the module docstring; base_pass, think and talk are steps 1-3 on their own,
-    for a reader who wants to call them one at a time (the README's guided tour does)."""
+    """A Mistral that thinks. QuietStar(model, config, tokenizer)(tokens) -> dict of loss parts. forward runs the
+    five steps of the module docstring; base_pass, think and talk are steps 1-3 on their own, for a reader who wants
+    to call them one at a time (the README's guided tour does)."""
 
     post_gets_gradient = False      # the post-thought log-probs are a diagnostic here (research/levers.py trains them)
 
@@ -442,8 +440,8 @@ class QuietStar(nn.Module):
 
     @staticmethod
     def summary(nll_base: Tensor, s: dict, reward: Tensor, reinforce: Tensor) -> dict[str, Tensor]:
-        """The logged parts of a training forward, none with a gradient."""
-        first = s["valid"]                                                        # (B*M, K): the next token
+        """The logged parts of a training forward, none with a gradient. s["valid"] (B*M, K): the next token."""
+        first = s["valid"]
         return {"nll_base": nll_base.detach(),                                    # next token, no thought
                 "nll_mixed": masked_mean(-s["talk"]["logp_mixed"][:, 0], first).detach(),   # ... after a thought
                 "nll_talk": s["nll_talk"].detach(), "nll_post": s["nll_post"].detach(), "reinforce": reinforce.detach(),

@@ -32,9 +32,13 @@ def fail(message: str, code: int = 2) -> int:
 
 
 def field_comments(cls) -> dict[str, str]:
-    """{field: its end-of-line comment} from the dataclass's source, so --help cannot drift from the code."""
-    source = inspect.getsource(cls).splitlines()
+    """{field: its end-of-line comment} from the dataclass's source (and its bases'), so --help cannot drift from
+    the code."""
     comments = {}
+    for base in cls.__mro__[1:]:
+        if hasattr(base, "__dataclass_fields__"):
+            comments |= field_comments(base)
+    source = inspect.getsource(cls).splitlines()
     for node in ast.parse(inspect.getsource(cls)).body[0].body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             line = source[node.lineno - 1]

@@ -35,8 +35,7 @@ def paired_rate_difference(end: list[int], start: list[int], n_boot: int = 2000,
     return float(d.mean()), float(low), float(high)
 
 
-def seed_row(run: Path, start: dict) -> dict:
-    held = json.loads((run / "heldout.json").read_text())
+def seed_row(run: Path, start: dict, held: dict, versus: dict | None = None) -> dict:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     focus = (held["answers"] if "answers" in held else held["mixed"])["focus"]
     post = held["post"]["focus"]["diff"] if "post" in held else None
@@ -59,7 +58,9 @@ def seed_row(run: Path, start: dict) -> dict:
             "oracle_minus_none_over_steps": [(r["step"], r["eval_answer_diff"]["oracle-none"][0]) for r in evals
                                              if "oracle-none" in r.get("eval_answer_diff", {})],
             "last_mix_weight": thinking[-1]["mix_weight_mean"] if thinking else None,
-            "reward_agreement_mean": float(np.mean(agreement)) if agreement else None, "wins": wins}
+            "reward_agreement_mean": float(np.mean(agreement)) if agreement else None, "wins": wins,
+            "thought_accuracy_minus_versus": paired_rate_difference(hits, versus["answer_thoughts"]["sampled_hits"])
+            if versus else None}
 
 
 def accuracy_svg(table: list[dict], title: str) -> str:
@@ -87,11 +88,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders, each with metrics.jsonl and heldout.json")
     parser.add_argument("--start", default="{run}-step50/heldout.json",
-                        help="eval.py's JSON before thinking began; {run} is the run folder (default: %(default)s)")
+                        help="the held-out JSON before thinking began; {run} is the run folder, {name} its name and "
+                             "{prefix} its name up to the last '-' (default: %(default)s)")
+    parser.add_argument("--heldout", default="{run}/heldout.json", help="the run's held-out JSON (default: %(default)s)")
+    parser.add_argument("--versus", default=None, help="another run's held-out JSON on the same answers (e.g. the "
+                        "same recipe without REINFORCE): the paired difference in thought accuracy")
     parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     parser.add_argument("--svg", type=Path, default=None, help="draw thought accuracy over steps here (SVG)")
     args = parser.parse_args(argv)
-    table = [seed_row(run, json.loads(Path(args.start.format(run=run)).read_text())) for run in args.runs]
+    def read(pattern: str, run: Path) -> dict:
+        return json.loads(Path(pattern.format(run=run, name=run.name, prefix=run.name.rpartition("-")[0])).read_text())
+    table = [seed_row(run, read(args.start, run), read(args.heldout, run), args.versus and read(args.versus, run))
+             for run in args.runs]
     print(f"{'run':28} {'n':>4} {'sampled-none':>26} {'sampled-filler':>26} {'sampled-shuffled':>26} "
           f"{'oracle-none':>26} {'accuracy end-start':>26} wins")
     for r in table:

@@ -213,16 +213,17 @@ def answer_row(qs: QuietStar, tokenizer, windows: torch.Tensor, focus: torch.Ten
     return row
 
 
-def heldout_answers(qs: QuietStar, tokenizer, texts: list[str], seq_len: int, batch_size: int = 16) -> dict:
-    """answer_comparison on windows aligned on every bare answer of texts, the content reward on their consecutive
-    windows."""
+def heldout_answers(qs: QuietStar, tokenizer, texts: list[str], seq_len: int, batch_size: int = 16,
+                    reward_windows: int = 8) -> dict:
+    """answer_comparison on windows aligned on every bare answer of texts, the content reward on the first
+    reward_windows of their consecutive windows."""
     eos = (qs.model.config.eos_ids or [None])[0]
     device = qs.model.embed_tokens.weight.device
     stream = TokenWindows(texts, tokenizer, seq_len, eos, seed=0, focus=bare_answer_spans)
     windows, focus = (torch.from_numpy(x) for x in stream.focus_windows(10**9))
     filler = filler_token_id(tokenizer)
     result = answer_comparison(qs, tokenizer, windows.to(device), focus.to(device), filler, batch_size)
-    text_windows = torch.from_numpy(stream.windows(10**9)[0][:8]).to(device)
+    text_windows = torch.from_numpy(stream.windows(reward_windows)[0]).to(device)
     return result | {"content_reward": content_reward(qs, text_windows, filler)}
 
 
@@ -292,6 +293,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq_len", type=int, default=64, help="window length (default: %(default)s)")
     parser.add_argument("--headroom", type=int, default=0, metavar="N",
                         help="instead: N problems per kind, greedy bare against worked (no thought)")
+    parser.add_argument("--reward_windows", type=int, default=8, help="consecutive windows for the content reward "
+                        "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="thought samples and held-out problems (default: 0)")
     parser.add_argument("--out", type=Path, default=None, help="write the result here (JSON)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -306,7 +309,7 @@ def main(argv=None) -> int:
         else:
             texts = arithmetic_texts(args.limit, seed=HELDOUT_SEED + args.seed, bare_fraction=args.bare_fraction,
                                      kinds=args.problems)
-            result = heldout_answers(qs.eval(), tokenizer, texts, args.seq_len)
+            result = heldout_answers(qs.eval(), tokenizer, texts, args.seq_len, reward_windows=args.reward_windows)
             for name in ("mixed", "post"):
                 print(f"answer digits, {name}:\n" + format_comparison(result[name]))
             a = result["answer_thoughts"]

@@ -120,7 +120,7 @@ CASES = [
     (T("--base_loss_weight=2"), "--base_loss_weight must be between 0 and 1"),
     (T("--bare_fraction=1.5"), "--bare_fraction must be between 0 and 1"),
     (T("--plain_steps=50"), "--plain_steps must be between 0 and --max_steps (40)"),
-    (T("--preset=gpu"), "--preset must be one of ['content', 'cpu', 'paper', 'think']"),
+    (T("--preset=gpu"), "--preset must be one of ['answers', 'cpu', 'entropy', 'paper', 'smoke', 'think']"),
     (T("--max_steps=ten"), "argument --max_steps: invalid int value: 'ten'"),
     (T("--resume=maybe"), "--resume=maybe: write --resume, --no-resume, or --resume=true / --resume=false"),
     (T("--no-resume=1"), "--no-resume=1: write --resume, --no-resume, or --resume=true / --resume=false"),

@@ -14,6 +14,10 @@ def test_paired_rate_difference_by_hand():
     assert paired_rate_difference([1, 0], [1, 0]) == (0.0, 0.0, 0.0)      # nothing changed: no spread
 
 
+def row(folder, start, versus=None):
+    return seed_row(folder, start, json.loads((folder / "heldout.json").read_text()), versus)
+
+
 def write_run(folder, diffs, hits):
     folder.mkdir()
     (folder / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_thought_accuracy": [0.0, 0.0, 4]}) + "\n")
@@ -28,18 +32,27 @@ def test_a_seed_wins_only_when_every_interval_says_so(tmp_path):
     below = [-0.2, -0.3, -0.1]
     straddles = [-0.2, -0.3, 0.1]
     good = {"sampled-none": below, "sampled-filler": below, "sampled-shuffled": below, "oracle-none": below}
-    assert seed_row(write_run(tmp_path / "a", good, [1] * 20 + [0] * 20), start)["wins"]
-    assert not seed_row(write_run(tmp_path / "b", good, [0] * 40), start)["wins"]          # accuracy did not rise
+    assert row(write_run(tmp_path / "a", good, [1] * 20 + [0] * 20), start)["wins"]
+    assert not row(write_run(tmp_path / "b", good, [0] * 40), start)["wins"]          # accuracy did not rise
     worse = good | {"sampled-shuffled": straddles}
-    assert not seed_row(write_run(tmp_path / "c", worse, [1] * 20 + [0] * 20), start)["wins"]
+    assert not row(write_run(tmp_path / "c", worse, [1] * 20 + [0] * 20), start)["wins"]
     with pytest.raises(ValueError, match="not the same held-out set"):
-        seed_row(write_run(tmp_path / "d", good, [1] * 3), start)
+        row(write_run(tmp_path / "d", good, [1] * 3), start)
     (tmp_path / "start.json").write_text(json.dumps(start))
     assert main([str(tmp_path / "a"), "--start", str(tmp_path / "start.json"), "--out", str(tmp_path / "t.json")]) == 0
     (tmp_path / "a-step50").mkdir()
     (tmp_path / "a-step50" / "heldout.json").write_text(json.dumps(start))      # the default: <run>-step50
     assert main([str(tmp_path / "a")]) == 0
     assert json.loads((tmp_path / "t.json").read_text())["seeds"][0]["wins"] is True
+    # the same recipe without REINFORCE on the same answers: 20 of 40 written against 10 of 40, 10 more, none lost
+    versus = {"answer_thoughts": {"sampled_hits": [1] * 10 + [0] * 30}}
+    assert row(tmp_path / "a", start, versus)["thought_accuracy_minus_versus"][0] == pytest.approx(0.25)
+    (tmp_path / "new.json").write_text(json.dumps({"mixed": json.loads((tmp_path / "a" / "heldout.json").read_text())[
+        "answers"], "answer_thoughts": {"sampled_hits": [1] * 20 + [0] * 20, "answer_in_shuffled_thought": 0.0}}))
+    (tmp_path / "versus.json").write_text(json.dumps(versus))           # research/content.py's layout ("mixed")
+    assert main([str(tmp_path / "a"), "--start", str(tmp_path / "start.json"), "--heldout", str(tmp_path / "new.json"),
+                 "--versus", str(tmp_path / "versus.json"), "--out", str(tmp_path / "t.json")]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["seeds"][0]["thought_accuracy_minus_versus"][0] == 0.25
 
 
 def test_the_accuracy_figure_is_a_standalone_svg_with_a_line_per_run_and_control(tmp_path):

@@ -33,7 +33,7 @@ def one_step(tiny_dir, tmp_path, bf16: bool, **overrides) -> dict:
     run.qs, run.tokenizer = train.build_model(cfg, qcfg, device, bf16, None)
     torch.nn.init.normal_(run.qs.mixing_head.net[-1].weight, std=0.1)       # as after some training
     texts = [" ".join(f"w{(7 * i + j) % 30 + 4}" for j in range(40)) for i in range(6)]
-    run.train_data = TokenWindows(texts, run.tokenizer, cfg.seq_len, 3, cfg.seed)
+    run.train_data = run.think_data = TokenWindows(texts, run.tokenizer, cfg.seq_len, 3, cfg.seed)
     run.step_module = run.qs
     run.optimizer = torch.optim.AdamW(train.param_groups(run.qs, cfg))
     return train.train_step(run, step=0), run

@@ -152,12 +152,13 @@ def test_reinforce_by_hand():
     valid = torch.tensor([[[True, True]]])
     # advantages: thought 0: [-1, -1], thought 1: [+1, +1]. Sums of 4 small binary fractions in fp32: exact or a
     # rounding or two, far inside approx's default 1e-6 relative (and allclose's 1e-5 below); a sign error is 1e-1.
-    assert reinforce_loss(reward, logp, valid, clip_negative=False).item() == pytest.approx(-(0.5 + 1.0 - 2.0 - 0.25) / 4)
-    clipped = reinforce_loss(reward, logp, valid, clip_negative=True)   # thought 0 -> 0
+    assert advantages(reward, clip_negative=False).tolist() == [[[-1.0, -1.0], [1.0, 1.0]]]
+    assert reinforce_loss(advantages(reward, False), logp, valid).item() == pytest.approx(-(0.5 + 1.0 - 2.0 - 0.25) / 4)
+    clipped = reinforce_loss(advantages(reward, True), logp, valid)   # thought 0 -> 0
     assert clipped.item() == pytest.approx(2.25 / 4)
     clipped.backward()
     assert torch.allclose(logp.grad, torch.tensor([[[0.0, 0.0], [-0.25, -0.25]]]))
-    only_first = reinforce_loss(reward, logp, torch.tensor([[[True, False]]]), clip_negative=True)
+    only_first = reinforce_loss(advantages(reward, True), logp, torch.tensor([[[True, False]]]))
     assert only_first.item() == pytest.approx(1.0)
 
 
@@ -176,7 +177,7 @@ def test_mixing_at_init_equals_base():
     assert torch.equal(scores["mix_weight"], torch.zeros(B, T - 1))
     assert torch.equal(scores["nll_mixed"], scores["nll_base"])
     out = qs(torch.randint(0, V, (B, T)))
-    assert out["reward_mean"] == 0 and out["reinforce"] == 0 and out["reward_gap_mixed"] == 0   # token by token
+    assert out["reward_mean"] == 0 and out["reinforce"] == 0                                   # token by token
     # the same 16 NLLs (~3.5) averaged over differently shaped tensors: fp32 rounding, 16 x 6e-8 relative at most
     assert out["nll_mixed"].item() == pytest.approx(out["nll_base"].item(), rel=1e-6)
 

@@ -39,7 +39,7 @@ def make_metrics(n=60, every=10):
     rows = []
     for s in range(n):
         d = math.exp(-s / 20)
-        rows.append({"step": s, "loss": 3 + 2 * d, "nll_base": 3.1 + 1.5 * d, "nll_thought": 3 + 1.6 * d,
+        rows.append({"step": s, "loss": 3 + 2 * d, "nll_base": 3.1 + 1.5 * d, "nll_mixed": 3 + 1.6 * d,
                      "nll_talk": 3.05 + 1.55 * d, "reinforce": -0.2 * d * math.cos(s),
                      "reward_mean": 0.05 * (1 - d), "mix_weight_mean": 0.1 + 0.3 * (1 - d)})
         if s % every == 0:
@@ -251,17 +251,27 @@ def test_browser_info_box_and_checkbox(tmp_path):
 
 def test_content_measures_are_drawn_over_steps(tmp_path):
     """The thought accuracy [sampled, shuffled, n] and the content reward {source: [mean, low, high]} of each eval
-    row become one line each, with a point per eval row (values from the rows themselves)."""
+    row become one line each, with a point per eval row (values from the rows themselves). The first row is an old
+    run's, whose source "thought" is today's "post": both draw on the same line."""
     metrics = [{"step": 0, "eval_nll_none": 2.0, "eval_thought_accuracy": [0.05, 0.02, 160],
                 "eval_content_reward": {"thought": [-0.1, -0.3, 0.1], "mixed": [0.0, -0.01, 0.01]}},
                {"step": 1, "loss": 3.0},
                {"step": 2, "eval_nll_none": 1.9, "eval_thought_accuracy": [0.25, 0.03, 160],
-                "eval_content_reward": {"thought": [0.4, 0.2, 0.6], "mixed": [0.02, 0.0, 0.04]}}]
+                "eval_content_reward": {"post": [0.4, 0.2, 0.6], "mixed": [0.02, 0.0, 0.04]}}]
     p = parse(tp.write_thoughts_page(tmp_path / "page.html", make_tokens(), metrics))
     lines = {pl["data-series"]: pl["points"].split() for pl in p.polylines}
-    for name in ("thought_accuracy_sampled", "thought_accuracy_shuffled", "content_reward_thought",
+    for name in ("thought_accuracy_sampled", "thought_accuracy_shuffled", "content_reward_post",
                  "content_reward_mixed"):
         assert len(lines[name]) == 2, name
     # the sampled accuracy rises from 0.05 to 0.25: its second point is higher on the chart (smaller y)
     (_, y0), (_, y1) = (map(float, xy.split(",")) for xy in lines["thought_accuracy_sampled"])
     assert y1 < y0
+
+
+def test_an_old_runs_metric_names_draw_under_todays(tmp_path):
+    """Runs written before the rename log nll_thought (the mixed prediction) and nll_unmixed (the post-thought
+    prediction alone): they draw as nll_mixed and nll_post."""
+    old = [{"step": s, "loss": 3.0 - s, "nll_thought": 2.0 - s / 2, "nll_unmixed": 5.0 - s} for s in range(3)]
+    p = parse(tp.write_thoughts_page(tmp_path / "page.html", make_tokens(), old))
+    names = {pl["data-series"] for pl in p.polylines}
+    assert {"nll_mixed", "loss"} <= names and not names & {"nll_thought", "nll_unmixed"}

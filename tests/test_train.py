@@ -1,6 +1,7 @@
 """train.py end to end on a tiny model: metrics, checkpoints, exact resume, atomic writes, presets, NaN,
 Ctrl-C and LoRA. Bad input and the run folder's guarantees are in test_bad_input.py."""
 
+import errno
 import json
 import math
 import signal
@@ -105,10 +106,11 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_readable(tiny_d
     before = {f.relative_to(tmp_path): f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
 
     def crash(*a, **k):
-        raise OSError("disk full (simulated)")
+        raise OSError(errno.ENOSPC, "disk full (simulated)")
     monkeypatch.setattr(machinery_run.torch, "save", crash)                       # dies after the weights are written
     assert train.main([f"--out_dir={tmp_path}", "--max_steps=4", "--resume"]) == 1      # a failed write: exit 1
-    assert "disk full (simulated)" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()[-1]                      # the one line, after the bars
+    assert "latest checkpoint is still step 2" in err and err.endswith(f"--out_dir {tmp_path} --resume"), err
     after = {f.relative_to(tmp_path): f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
     checkpoint_files = {k: v for k, v in before.items() if k.parts[0].startswith("checkpoint-") or k.name == "latest"}
     assert {k: after.get(k) for k in checkpoint_files} == checkpoint_files
@@ -264,3 +266,28 @@ def test_glibc_mmap_threshold_is_fixed_unless_the_user_set_it(monkeypatch):
         raise OSError(name)
     monkeypatch.setattr(machinery_run.ctypes, "CDLL", no_glibc)
     machinery_run.fix_glibc_mmap_threshold()                             # musl and others: nothing to do, no error
+
+
+def test_the_smoke_preset_runs_the_whole_loop(tiny_dir, tmp_path, capsys):
+    """--preset smoke at reduced size (the tiny model): a plain step, two thinking steps with LoRA on qstar.py's plain
+    path, an evaluation with its controls, a checkpoint and the thoughts page."""
+    cfg, qcfg, _ = train.parse_args(["--preset=smoke"])
+    assert (cfg.max_steps, cfg.plain_steps, cfg.lora_rank, cfg.fast, qcfg.uses_levers) == (3, 1, 4, False, False)
+    assert train.main(["--preset=smoke", f"--model={tiny_dir}", f"--out_dir={tmp_path}"]) == 0
+    rows = read_metrics(tmp_path)
+    assert [r.get("phase") for r in rows[1:]] == ["plain", "think", "think"] and EVAL_KEYS <= rows[-1].keys()
+    assert (tmp_path / "thoughts.html").is_file() and checkpoint_step(tmp_path) == 3
+    assert "3 steps (1 plain, 2 thinking)" in capsys.readouterr().out
+
+
+def test_a_levers_run_trains_at_the_answers_with_a_warm_start(tiny_dir, tmp_path):
+    """--preset answers at reduced size: one-problem windows, streams only before answers, the forced worked step
+    for the first thinking step, then its fraction falling; the logs say where REINFORCE's streams were."""
+    assert train.main(["--preset=answers", f"--model={tiny_dir}", f"--out_dir={tmp_path}", "--max_steps=4",
+                       "--plain_steps=1", "--plain_batch_size=2", "--batch_size=2", "--n_thoughts=3",
+                       "--forced_steps=1", "--forced_decay=1", "--eval_interval=4", "--eval_answers=4",
+                       "--eval_windows=1", "--save_interval=4", "--thought_len=3", "--n_true=2"]) == 0
+    rows = read_metrics(tmp_path)[1:]
+    assert [r["forced_streams"] for r in rows[1:]][::2] == [1.0, 0.0]     # forced 1, then 1/2, then 0
+    assert rows[1]["answer_streams"] == 0.0 and rows[3]["answer_streams"] == 1.0   # REINFORCE: own samples only
+    assert "eval_answer_post_diff" in rows[-1] and "eval_thought_accuracy" in rows[-1]
