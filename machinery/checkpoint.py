@@ -1,21 +1,55 @@
-"""The run folder (--out_dir) and its checkpoints: one step or nothing, never a file we did not write.
+"""A checkpoint's format in one place: which files a checkpoint folder holds, who writes and reads each, how they
+are checked and versioned; and the run folder (--out_dir) that holds the checkpoints, one step or nothing, never a
+file we did not write.
 
     out_dir/
       latest                  "checkpoint-000040": the one complete checkpoint, switched by an atomic rename
-      checkpoint-000040/      config.json, model.safetensors, tokenizer.json (Hugging Face layout),
-                              quietstar.safetensors + quietstar.json, train_config.json, train_state.pt,
-                              manifest.json (step, and the size and SHA-256 of every file; written last)
-      metrics.jsonl           one line per step
-      thoughts.html           the thoughts page
-      .lock                   held (fcntl) by the live run, with its pid
+      checkpoint-000040/      the files below
+      metrics.jsonl           one line per step (run.MetricsLog)
+      thoughts.html           the thoughts page (thoughts_page.write_thoughts_page)
+      .lock                   held (fcntl) by the live run, with its pid (RunLock)
 
-A checkpoint is written complete into a temporary folder, then renamed to checkpoint-NNNNNN, then `latest` is
-replaced (os.replace: atomic), then older checkpoints go. A crash at any point leaves `latest` naming a complete
+A checkpoint folder, its files in the order run.save_checkpoint writes them (writer / reader):
+
+  file                       holds                                   written by / read by
+  adapter_model.safetensors  with --lora_rank only: the LoRA         lora.save_adapters / lora.load_adapters
+  adapter_config.json          adapters and their config (peft's)      (train.build_model)
+  model.safetensors          the base model's weights (LoRA's        hf_io.save_pretrained, called by save_quietstar /
+  config.json                  merged in), its Hugging Face config,    hf_io.load_model_folder (load_pretrained,
+  tokenizer.json               the tokenizer: transformers reads it    train.build_model)
+  quietstar.safetensors      the markers and the mixing head         hf_io.save_quietstar / hf_io.load_quietstar_parts
+  quietstar.json             their QuietStarConfig (LeverConfig)       (strict: both files, every tensor and shape);
+                                                                       hf_io.load_quietstar reads the config
+  train_config.json          the run's settings: {"train":           write_train_config / read_train_config (on
+                               TrainConfig, "qstar": LeverConfig}      --resume, run.parse_args: what train.py's
+                                                                       FIXED_ON_RESUME names may not change)
+  train_state.pt             {"step", "optimizer": AdamW's full      write_train_state / read_train_state
+                               state keyed by parameter name}          (run.resume_optimizer)
+  manifest.json              format_version, step, and the size      write_checkpoint, last / read_manifest,
+                               and SHA-256 of every other file         verify_manifest
+
+Two owners, one table. The model files (Hugging Face, Quiet-STaR parts, adapters) are a model's format, not a run's:
+save_pretrained and save_quietstar write them into any folder (a user's export, a conversion) and load_pretrained /
+load_quietstar read any such folder, a checkpoint among them; so hf_io.py and lora.py write and read them, and a
+checkpoint holds them unchanged. What only a checkpoint holds (the run's settings, the optimizer's state, the
+manifest, `latest`) is written and read here.
+
+Written: complete into a temporary folder, then renamed to checkpoint-NNNNNN, then `latest` is replaced (os.replace:
+atomic), then older checkpoints go (write_checkpoint). A crash at any point leaves `latest` naming a complete
 checkpoint (tests/test_crash.py kills runs with SIGKILL in each of these phases). A checkpoint that cannot fit in
 the free space is refused before a byte is written; a write that fails for the storage's sake (disk full, quota,
-read-only folder, I/O error) raises CheckpointWriteError and leaves `latest` where it was. Loading or resuming a checkpoint
-checks every file against the manifest's size and SHA-256, so a file altered after it was written is refused by
-name. load_pretrained("out_dir") and load_quietstar("out_dir") follow `latest`.
+read-only folder, I/O error) raises CheckpointWriteError and leaves `latest` where it was.
+
+Checked: every file against the manifest's size and SHA-256 (verify_manifest), so a file altered after it was
+written is refused by name: the whole checkpoint on --resume (run.lock_run_folder; train_config.json first, in
+run.parse_args), the model's files (MODEL_PARTS) when a model is loaded from a run folder or a checkpoint folder
+(gguf_import.resolve_model_dir: load_pretrained("out_dir") and load_quietstar("out_dir") follow `latest`).
+
+Versioned: manifest.json's format_version is FORMAT_VERSION when written. It changes when a file is added, dropped
+or read differently, so that a checkout never misreads a checkpoint that a newer one wrote: read_manifest refuses a
+version it does not know, in one line. A manifest without format_version (written before it existed) is version 0:
+the same files, and the readers still take that time's variants (a manifest with sizes only; the markers' old name
+markers.scaled in quietstar.safetensors and train_state.pt).
 """
 
 import errno
@@ -25,11 +59,14 @@ import os
 import re
 import shutil
 import signal
+from dataclasses import asdict
 from pathlib import Path
 
 from machinery.cli import UsageError
 
 LATEST, MANIFEST, LOCK = "latest", "manifest.json", ".lock"
+TRAIN_CONFIG, TRAIN_STATE = "train_config.json", "train_state.pt"
+FORMAT_VERSION = 1          # written into manifest.json; 0 is a manifest from before the version was written
 # The errors whose cause is the storage, not the code: no space, over quota, a file too large for the file system
 # (FAT's 4 GiB), a failing disk, a read-only folder, a permission taken away (EPERM is Linux's EACCES for an
 # immutable file or a sticky folder). Any other error in a checkpoint write is a bug and keeps its traceback.
@@ -92,7 +129,7 @@ def tensors_in(obj):
     if isinstance(obj, (list, tuple)):
         for item in obj:
             yield from tensors_in(item)
-    elif hasattr(obj, "element_size"):          # a tensor (this module does not import torch)
+    elif hasattr(obj, "element_size"):          # a tensor (torch is imported only to write or read train_state.pt)
         yield obj
 
 
@@ -133,7 +170,19 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 def checkpoint_step(out_dir: Path) -> int | None:
     folder = latest_checkpoint(out_dir)
-    return json.loads((folder / MANIFEST).read_text())["step"] if folder and (folder / MANIFEST).is_file() else None
+    return read_manifest(folder)["step"] if folder and (folder / MANIFEST).is_file() else None
+
+
+def read_manifest(folder: Path) -> dict:
+    """folder's manifest.json, refused in one line if its format_version is one this code does not know (a newer
+    checkout wrote it). Without format_version: version 0, read as it is."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    version = manifest.get("format_version", 0)
+    if not (isinstance(version, int) and 0 <= version <= FORMAT_VERSION):
+        raise UsageError(f"checkpoint {folder}: {MANIFEST} has format_version {version!r}, which this code does not "
+                         f"know (it reads 0 to {FORMAT_VERSION}): a newer version of this code wrote it; update this "
+                         "checkout to load it")
+    return manifest
 
 
 def _fsync(path: Path):
@@ -163,7 +212,8 @@ def write_checkpoint(out_dir: Path, step: int, write_files, needed: int) -> Path
         write_files(tmp)
         crash_point("files")
         files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_of(f)} for f in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
+        manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         for f in tmp.iterdir():
             _fsync(f)
         crash_point("manifest")
@@ -214,8 +264,8 @@ def verify_checkpoint(out_dir: Path, only: tuple[str, ...] | None = None) -> Pat
 def verify_manifest(folder: Path, only: tuple[str, ...] | None = None) -> Path:
     """Check that every file the manifest lists (or those of them named in `only`) is there with its size and
     SHA-256 (a manifest written before checksums existed holds sizes only). A damaged checkpoint is an error that
-    names the file."""
-    expected = json.loads((folder / MANIFEST).read_text())
+    names the file; a manifest of an unknown format_version is refused (read_manifest)."""
+    expected = read_manifest(folder)
     for name, want in expected["files"].items():
         if only is not None and name not in only:
             continue
@@ -231,6 +281,51 @@ def verify_manifest(folder: Path, only: tuple[str, ...] | None = None) -> Path:
                              f"modified after step {expected['step']} was written")
     return folder
 
+
+# ---- the files only a checkpoint holds: the run's settings and the optimizer's state ------------------------------
+
+def write_train_config(folder: Path, cfg, qcfg):
+    """train_config.json: the run's settings (train.TrainConfig, research.levers.LeverConfig), all of them, so that
+    --resume continues the same run whatever the defaults have become since."""
+    (folder / TRAIN_CONFIG).write_text(json.dumps({"train": asdict(cfg), "qstar": asdict(qcfg)}, indent=2))
+
+
+def read_train_config(out_dir: Path) -> dict:
+    """The saved settings of the run in out_dir, {"train": ..., "qstar": ...}, as written (the caller maps old
+    option names: research.levers.renamed_settings). Only train_config.json is checked against the manifest: this
+    is read before the run's lock is taken, to know the settings; the whole checkpoint is checked once locked."""
+    saved_file = verify_checkpoint(out_dir, only=(TRAIN_CONFIG,)) / TRAIN_CONFIG
+    if not saved_file.is_file():
+        raise UsageError(f"--resume: {saved_file} is missing, so the run's settings are unknown; start a new "
+                         "--out_dir")
+    return json.loads(saved_file.read_text())
+
+
+def write_train_state(folder: Path, step: int, optimizer_state: dict):
+    """train_state.pt: the step and the optimizer's full state, keyed by parameter name (parallel.full_states), so
+    that any number of ranks can resume it."""
+    # torch is imported here and in read_train_state only: checking and locking a run folder need none
+    import torch
+    # through a Python file: a failed write then chains its OSError (errno) to torch's RuntimeError, which alone
+    # says only "unexpected pos" (storage_errno)
+    with open(folder / TRAIN_STATE, "wb") as f:
+        torch.save({"step": step, "optimizer": optimizer_state}, f)
+
+
+def read_train_state(folder: Path) -> tuple[int, dict]:
+    """(step, the optimizer's state) from a checkpoint folder already verified; the markers' old parameter name
+    (markers.scaled, before they were renamed markers.stored) is read under the new one."""
+    import torch
+    state = torch.load(folder / TRAIN_STATE, map_location="cpu", weights_only=True)
+    optim = state["optimizer"]
+    if "markers.scaled" in optim["state"]:
+        optim["state"]["markers.stored"] = optim["state"].pop("markers.scaled")
+        for group in optim["param_groups"]:
+            group["params"] = ["markers.stored" if p == "markers.scaled" else p for p in group["params"]]
+    return state["step"], optim
+
+
+# ---- the run folder: checked before a run starts, locked while it runs ------------------------------------------
 
 def prepare_out_dir(out_dir: Path, model: str, resume: bool):
     """Refuse an out_dir that is a file, the model's own folder, or a folder holding a model we did not write;

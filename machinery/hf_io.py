@@ -1,7 +1,9 @@
 """Hugging Face files: a model folder (config.json, model.safetensors or shards, tokenizer.json) in and out, and
 a Quiet-STaR checkpoint (the same, plus quietstar.safetensors with the markers and the mixing head, and
 quietstar.json with the QuietStarConfig). load_pretrained and load_quietstar take a folder, a training run's folder
-(its latest checkpoint, checked against its manifest), a built-in short name or a Hub id (machinery/gguf_import.py)."""
+(its latest checkpoint, checked against its manifest), a built-in short name or a Hub id (machinery/gguf_import.py).
+These files are a model's format, written into any folder; a checkpoint holds them beside the run's own files:
+machinery/checkpoint.py's table lists every file of a checkpoint, its writer and reader, and the format's version."""
 
 import json
 from dataclasses import asdict, fields

@@ -1,6 +1,7 @@
 """The life of a training run around train.py's loop: its settings from the command line, presets and a resumed
-run's saved ones; Ctrl-C and SIGTERM; checkpoints and the resumed optimizer; the metrics log; the summary at the
-end; the CPU allocator and autocast. train.py calls each behind one name."""
+run's saved ones; Ctrl-C and SIGTERM; saving a checkpoint and resuming the optimizer (what a checkpoint holds and
+how each file is written and read: machinery/checkpoint.py); the metrics log; the summary at the end; the CPU
+allocator and autocast. train.py calls each behind one name."""
 
 import argparse
 import contextlib
@@ -9,7 +10,7 @@ import json
 import os
 import signal
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -22,8 +23,12 @@ from machinery.checkpoint import (
     checkpoint_bytes,
     checkpoint_step,
     prepare_out_dir,
+    read_train_config,
+    read_train_state,
     verify_checkpoint,
     write_checkpoint,
+    write_train_config,
+    write_train_state,
 )
 from machinery.cli import Parser, UsageError, add_dataclass_options, fail
 from machinery.hf_io import save_quietstar
@@ -55,11 +60,7 @@ def parse_args(argv: list[str], train_config, presets: dict, fixed_on_resume: tu
     values, changed = presets[preset] | given, []
     if given.get("resume"):
         out_dir = Path(given.get("out_dir", train_config.out_dir))
-        saved_file = verify_checkpoint(out_dir, only=("train_config.json",)) / "train_config.json"   # the rest: once, locked
-        if not saved_file.is_file():
-            raise UsageError(f"--resume: {saved_file} is missing, so the run's settings are unknown; start a new "
-                             "--out_dir")
-        saved = json.loads(saved_file.read_text())
+        saved = read_train_config(out_dir)
         saved = saved["train"] | renamed_settings(saved["qstar"], old_run=True)
         differ = {k: (saved.get(k), v) for k, v in given.items() if k in saved and saved[k] != v}
         still_plain = checkpoint_step(out_dir) <= saved.get("plain_steps", 0)
@@ -217,20 +218,16 @@ def resume_optimizer(qs, optimizer, checkpoint: Path, group_settings) -> int:
     """Load the optimizer's state (full, keyed by parameter name: written by any number of ranks), then set every
     group's learning rate and weight decay from the settings, so that --lr and friends given on --resume take
     effect. -> the step to continue from."""
-    state = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=True)
-    optim = state["optimizer"]                      # a checkpoint from before the markers' rename: scaled -> stored
-    if "markers.scaled" in optim["state"]:
-        optim["state"]["markers.stored"] = optim["state"].pop("markers.scaled")
-        for group in optim["param_groups"]:
-            group["params"] = ["markers.stored" if p == "markers.scaled" else p for p in group["params"]]
+    step, optim = read_train_state(checkpoint)
     parallel.load_optimizer(qs, optimizer, optim)
     for group in optimizer.param_groups:
         group.update(group_settings(group["name"]))
-    return state["step"]
+    return step
 
 
 def save_checkpoint(run: "Run", step: int) -> str | None:
-    """Gather the full state on every rank, then rank 0 writes the checkpoint (checkpoint.write_checkpoint).
+    """Gather the full state on every rank, then rank 0 writes the checkpoint's files (the table in
+    machinery/checkpoint.py, in its order) through checkpoint.write_checkpoint.
     -> None, or on every rank the error if the write failed (disk full, read-only folder): `latest` still names
     the previous checkpoint, and the run ends with that one line."""
     qs, cfg = run.qs, run.cfg
@@ -241,12 +238,8 @@ def save_checkpoint(run: "Run", step: int) -> str | None:
             if cfg.lora_rank:
                 save_adapters(qs.model, folder, cfg.model, cfg.lora_rank, cfg.lora_alpha)
             save_quietstar(qs, folder, run.tokenizer, model_state)
-            (folder / "train_config.json").write_text(json.dumps({"train": asdict(cfg), "qstar": asdict(run.qcfg)},
-                                                                 indent=2))
-            # through a Python file: a failed write then chains its OSError (errno) to torch's RuntimeError, which
-            # alone says only "unexpected pos" (checkpoint.storage_errno)
-            with open(folder / "train_state.pt", "wb") as f:
-                torch.save({"step": step, "optimizer": optimizer_state}, f)
+            write_train_config(folder, cfg, run.qcfg)
+            write_train_state(folder, step, optimizer_state)
         try:
             model_state, adapters = state, {}
             if cfg.lora_rank:                       # the merged base weights, plus the adapters in peft's layout

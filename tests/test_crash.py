@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 import train
 from machinery import checkpoint, hf_io
+from machinery.cli import UsageError
 from machinery.hf_io import load_quietstar, save_pretrained
 
 STEPS = 12
@@ -434,3 +435,31 @@ def test_a_checkpoint_altered_after_writing_is_refused_by_name(world, tmp_path, 
         load_quietstar(out)
     with pytest.raises(Exception, match="model.safetensors does not match its SHA-256"):
         load_quietstar(target.parent)       # the checkpoint folder itself
+
+
+def test_a_newer_format_version_is_refused_in_one_line_and_a_manifest_without_one_loads(world, at_step_1, tmp_path,
+                                                                                        capsys):
+    """manifest.json records checkpoint.FORMAT_VERSION. A newer version (a newer checkout wrote it) is refused in
+    one line, before anything is read by it; a manifest without a version (written before versions) loads and
+    resumes, and the checkpoint written next records the version."""
+    out = tmp_path / "run"
+    shutil.copytree(at_step_1, out)
+    manifest_file = checkpoint.latest_checkpoint(out) / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    assert manifest["format_version"] == checkpoint.FORMAT_VERSION
+    newer = checkpoint.FORMAT_VERSION + 1
+    manifest_file.write_text(json.dumps(manifest | {"format_version": newer}, indent=2))
+    capsys.readouterr()
+    assert in_process(argv(world, out, max_steps=2, resume=True)) == 2
+    assert error_line(capsys.readouterr().err) == (
+        f"error: checkpoint {manifest_file.parent}: manifest.json has format_version {newer}, which this code does "
+        f"not know (it reads 0 to {checkpoint.FORMAT_VERSION}): a newer version of this code wrote it; update this "
+        "checkout to load it")
+    with pytest.raises(UsageError, match=f"manifest.json has format_version {newer}, which this code does not know"):
+        load_quietstar(out)
+    del manifest["format_version"]
+    manifest_file.write_text(json.dumps(manifest, indent=2))
+    load_quietstar(out)
+    assert in_process(argv(world, out, max_steps=2, resume=True)) == 0
+    resumed = json.loads((checkpoint.latest_checkpoint(out) / "manifest.json").read_text())
+    assert resumed["step"] == 2 and resumed["format_version"] == checkpoint.FORMAT_VERSION
