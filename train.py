@@ -387,6 +387,9 @@ def train(cfg: TrainConfig, qcfg: LeverConfig, changed: list[str], ranks: parall
     documents = read_documents(cfg)                        # bad data fails before anything is written
     with lock_run_folder(run) as checkpoint:               # the lock; on --resume the verified checkpoint
         run.qs, run.tokenizer = build_model(cfg, qcfg, device, run.use_bf16, checkpoint)
+        check(not cfg.forced_steps or (isinstance(run.qs, Levers) and cfg.data == "arithmetic"),
+              "--forced_steps forces the worked step before bare answers: it needs --data arithmetic and a lever of "
+              "research/levers.py (e.g. --think_at answers)")
         run.train_data, run.think_data, run.val = load_data(cfg, documents, run.tokenizer,
                                                             (run.qs.model.config.eos_ids or [None])[0])
         run.filler_id = filler_token_id(run.tokenizer)
