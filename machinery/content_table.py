@@ -108,7 +108,7 @@ def main(argv=None) -> int:
               f"{interval(d['sampled-filler']):>26} {interval(d['sampled-shuffled']):>26} "
               f"{interval(d['oracle-none']):>26} {interval(r['thought_accuracy_end_minus_start']):>26} {r['wins']}")
     if args.svg:
-        args.svg.write_text(accuracy_svg(table, "Thoughts before a bare answer that write it (64 held-out answers)"))
+        args.svg.write_text(accuracy_svg(table, "Thoughts before a bare answer that write it (train.py's evaluations)"))
     if args.out:
         args.out.write_text(json.dumps({"command": "python -m machinery.content_table " + " ".join(sys.argv[1:]),
                                         "seeds": table}, indent=1))
