@@ -254,9 +254,7 @@ class QuietStar(nn.Module):
         else:
             raise ValueError("pass the tokenizer (or config.marker_init) to choose the markers' initial token")
         device = model.embed_tokens.weight.device
-        with torch.no_grad():
-            init = model.embed_tokens.weight[marker_id].float()
-        self.markers = ThoughtMarkers(init, cfg.marker_grad_scale).to(device)
+        self.markers = ThoughtMarkers(model.embed_tokens.weight[marker_id], cfg.marker_grad_scale).to(device)
         self.mixing_head = MixingHead(dim, cfg.mixing_hidden or dim).to(device)
         model.activation_checkpointing = cfg.activation_checkpointing
         # A thought is text: EOS and the tokenizer's special tokens (chat roles, file separators) are never sampled.
@@ -371,7 +369,7 @@ class QuietStar(nn.Module):
             inside = at + 1 + u <= T - 1                                           # x_{i+1+u} exists
             r, i = rows[inside], at[inside] + u                                    # (n,) each: row, position i+u
             h_thought, h_same = h[inside], h_base[r, i]                            # (n, D) both predict x_{i+1+u}
-            w = self.mixing_head(h_same, h_thought)                                # (n, 1)
+            w = self.mixing_weight(h_same, h_thought, inside)                      # (n, 1)
             values = {"logp_mixed": self._token_logp(mix(h_same, h_thought, w), streams[r, i + 1]),
                       "mix_weight": w[:, 0]}
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.post_gets_gradient):
@@ -382,6 +380,9 @@ class QuietStar(nn.Module):
                 out[name].append(full)
             x = self.embed_ids(streams[rows, (at + 1 + u).clamp(max=T - 1)])      # next input: x_{i+1+u}
         return {name: torch.stack(v, dim=1) for name, v in out.items()}
+
+    def mixing_weight(self, h_base: Tensor, h_thought: Tensor, inside: Tensor) -> Tensor:  # inside: talk's streams
+        return self.mixing_head(h_base, h_thought)                  # (n, 1); research/levers.py reads `inside`
 
     def rewards(self, tokens: Tensor, target_ok: Tensor, logp_base: Tensor, talk: dict, positions: Tensor,
                 n_thoughts: int) -> tuple[dict[str, Tensor], Tensor]:

@@ -6,7 +6,9 @@
                        mean of the other M - 1, RLP's leave-one-out); group_std divides by the M rewards' std;
                        clip_negative_advantage (qstar) keeps or drops the below-baseline thoughts
     the reader         post_nll_weight: the post-thought prediction's own NLL, so that it learns to use a thought
-    the mixing weight  bounded_mixing: w = mixing_floor + (1 - mixing_floor) sigmoid(z - 4.595), starting at 0.01
+    the mixing weight  bounded_mixing: w = mixing_floor + (1 - mixing_floor) sigmoid(z - 4.595), starting at 0.01;
+                       mixing_from_forced False: the mixing head learns only from the model's own thoughts (a forced
+                       thought is always right, so learning from it drives w to 1, and the model's own are not)
     a warm start       forced_fraction (set each step by train.py's schedule): at answer positions each thought is,
                        with this probability, teacher-forced to the problem's worked step (the oracle thought) and
                        learnt by its NLL (forced_nll_weight); REINFORCE sees only the model's own samples
@@ -38,6 +40,7 @@ class LeverConfig(QuietStarConfig):
     bounded_mixing: bool = False       # mixing weight in [mixing_floor, 1], starting at 0.01; False: unbounded (official)
     mixing_floor: float = 0.0          # bounded_mixing: the weight never falls below this (no absorbing collapse)
     forced_nll_weight: float = 1.0     # weight of the forced (worked-step) thoughts' NLL in the warm start
+    mixing_from_forced: bool = True    # False: no gradient from forced thoughts to the mixing head (its own only)
 
     def __post_init__(self):
         super().__post_init__()
@@ -192,6 +195,15 @@ class Levers(QuietStar):
                                                  config.mixing_floor).to(device)
         self.post_gets_gradient = config.post_nll_weight > 0
         self.forced_fraction = 0.0                       # train.py's warm-start schedule sets it every step
+        self.head_ignores = None                         # (B*M, K) bool: streams whose w gets no gradient
+
+    def mixing_weight(self, h_base: Tensor, h_thought: Tensor, inside: Tensor) -> Tensor:
+        """qstar's mixing weight (n, 1) for talk's streams `inside` (B*M, K); detached on the streams in
+        head_ignores, so that the head learns from the others only (the mixed NLL still trains the rest)."""
+        w = self.mixing_head(h_base, h_thought)
+        if self.head_ignores is None:
+            return w
+        return torch.where(self.head_ignores[inside][:, None], w.detach(), w)
 
     def where_to_think(self, h_base: Tensor, target_ok: Tensor, answer_start: Tensor | None):
         """-> (positions (B, K) or None for every position, real (B, K) or None: False for padding positions)."""
@@ -244,7 +256,11 @@ class Levers(QuietStar):
             forced = at_answer & (torch.rand(at_answer.shape, device=tokens.device) < self.forced_fraction)
             given = at_streams(oracle.permute(0, 2, 1), positions).permute(0, 2, 1).repeat_interleave(M, dim=0)
             thought_ids = torch.where(forced[..., None], given, torch.full_like(given, -1))   # (B*M, K, L)
-        s = self.streams(tokens, target_ok, h_base, cache, logp_base, at, thought_ids)
+        self.head_ignores = None if cfg.mixing_from_forced or not forced.any() else forced
+        try:
+            s = self.streams(tokens, target_ok, h_base, cache, logp_base, at, thought_ids)
+        finally:
+            self.head_ignores = None
         valid = s["valid"] & (True if real is None else real.repeat_interleave(M, dim=0))     # (B*M, K)
         sampled = valid & ~forced                                                   # REINFORCE: own samples only
         reward = s["rewards"][cfg.reward_from]

@@ -359,3 +359,44 @@ def test_headroom_reads_the_format_and_the_answer(monkeypatch):
     assert table["multi"]["bare"]["n"] == 5 and table["multi"]["bare"]["correct"] == 0
     assert content.read_answer(" 4*6=24. 23+24=47. The answer is 47.\n") == ("worked", 47)
     assert content.read_answer(" 47.\nQ:") == ("bare", 47)
+
+
+def test_the_mixing_head_learns_from_the_models_own_thoughts_only():
+    """head_ignores (B*M, K) detaches the mixing weight of those streams: a loss on them alone gives the head no
+    gradient (the rest of the model still learns from it), a loss on the others gives the head exactly the gradient
+    it gets when nothing is ignored. Thoughts given, so both runs see the same streams."""
+    qs = make_qstar(None, False, think_at="answers")
+    tokens, at = torch.randint(0, V, (B, T)), AT[:, :3]                         # K = 3 positions, all with a target
+    thought_ids = torch.randint(1, V - 1, (B * M, 3, L))
+    ignored = torch.tensor([[True, False, True], [False, False, True], [True, True, False], [False, True, False]])
+    head = [p for n, p in qs.named_parameters() if n.startswith("mixing_head")]
+
+    def grads(keep, ignore):
+        qs.zero_grad()
+        qs.head_ignores = ignore
+        h_base, cache = qs.base_pass(tokens)
+        qs.think(tokens, cache, M, thought_ids, at)
+        (qs.talk(tokens, h_base, cache, M)["logp_mixed"] * keep[:, None, :]).sum().backward()
+        qs.head_ignores = None
+        return ([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in head],
+                qs.markers.stored.grad.clone())
+    head_forced, markers_forced = grads(ignored, ignored)
+    assert all(g.abs().max() == 0 for g in head_forced) and markers_forced.abs().max() > 0
+    head_own, _ = grads(~ignored, ignored)
+    head_plain, _ = grads(~ignored, None)
+    assert all(g.abs().max() > 0 for g in head_own[-1:])
+    for a, b in zip(head_own, head_plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("from_forced", [True, False])
+def test_fully_forced_steps_train_the_mixing_head_only_if_it_learns_from_forced_thoughts(from_forced):
+    qs = make_qstar(None, False, think_at="answers", n_thoughts=3, mixing_from_forced=from_forced)
+    start = torch.zeros(B, T, dtype=torch.bool)
+    start[0, 5], start[1, 8] = True, True
+    qs.forced_fraction = 1.0
+    out = qs(torch.randint(0, V, (B, T)), answer_start=start, oracle=torch.randint(1, V - 1, (B, T, L)))
+    out["loss"].backward()
+    last = qs.mixing_head.net[-1].weight.grad
+    assert (last is not None and last.abs().max() > 0) == from_forced
+    assert qs.markers.stored.grad.abs().max() > 0 and qs.head_ignores is None
