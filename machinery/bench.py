@@ -161,17 +161,63 @@ def think_at_floor(M: int, L: int, N: int, Q: float) -> float:
     return (1 + M * (L + 1 + N) * Q) / (1 + M * (L + 1 + N))
 
 
-def measure_think_at(size: str, n: int, k: int, t: int, P: int, fraction: float, repeats: int, device) -> dict:
-    """Thinking where it matters: one forward+backward (no optimizer) of a Quiet-STaR step thinking at every
-    position and one thinking at the fraction Q of positions (think_at entropy:Q), same model, M, L, N and tokens,
-    timed in turn in one process. The floor: think_at_floor, with Q the chosen fraction K / n."""
+def think_at_model(size: str, k: int, t: int, P: int, device):
+    """research.levers' QuietStar, whose forward reads config.think_at at every call (the paper's does not)."""
+    from research.levers import LeverConfig, Levers
+    qs = Levers(build(size, device), LeverConfig(thought_len=k - 3, n_true=t, n_thoughts=P, marker_init="x"),
+                Tokenizer1()).to(device)
+    torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.01)
+    return fast.use(qs)
+
+
+def measure_paths(size: str, n: int, k: int, t: int, P: int, repeats: int, device) -> dict:
+    """The two computations of one thinking step, train.py's --fast (fast.py's twins) and its default (qstar.py's
+    plain path), on the same model and tokens: forward, backward and AdamW, timed in turn in one process (fast,
+    plain, fast, plain: each the faster of its two), and each one's peak memory in a process of its own."""
     from qstar import QuietStar, QuietStarConfig
     model = build(size, device)
     tokens = torch.randint(0, model.config.vocab_size, (1, n), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    qs = fast.use(QuietStar(model, QuietStarConfig(thought_len=k - 3, n_true=t, n_thoughts=P, marker_init="x"),
-                            Tokenizer1()).to(device))
+    qs = QuietStar(model, QuietStarConfig(thought_len=k - 3, n_true=t, n_thoughts=P, marker_init="x"),
+                   Tokenizer1()).to(device)
     torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.01)
+    optimizer = torch.optim.AdamW(qs.parameters(), lr=1e-6)
+
+    def step(fast_paths: bool):
+        fast.use(qs, fast_paths)
+        with autocast:
+            loss = qs(tokens)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    times = {"fast": [], "plain": []}
+    for name in ("fast", "plain", "fast", "plain"):
+        times[name].append(timed(lambda: step(name == "fast"), device, repeats))
+    fast_s, plain_s = min(times["fast"]), min(times["plain"])
+    return {"size": size, "n": n, "k": k, "t": t, "P": P, "fast_s": fast_s, "plain_s": plain_s,
+            "plain_over_fast": plain_s / fast_s, "times": times}
+
+
+def measure_path_memory(size: str, n: int, k: int, t: int, P: int, fast_paths: bool, device) -> dict:
+    """Peak memory of one thinking step on one path, alone in its process."""
+    from qstar import QuietStar, QuietStarConfig
+    model = build(size, device)
+    tokens = torch.randint(0, model.config.vocab_size, (1, n), device=device)
+    qs = fast.use(QuietStar(model, QuietStarConfig(thought_len=k - 3, n_true=t, n_thoughts=P, marker_init="x"),
+                            Tokenizer1()).to(device), fast_paths)
+    torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.01)
+    gpu.reset_peak(device)
+    qs(tokens)["loss"].backward()
+    return {"size": size, "n": n, "k": k, "fast": fast_paths, "peak_gib": peak_memory(device)}
+
+
+def measure_think_at(size: str, n: int, k: int, t: int, P: int, fraction: float, repeats: int, device) -> dict:
+    """Thinking where it matters: one forward+backward (no optimizer) of a Quiet-STaR step thinking at every
+    position and one thinking at the fraction Q of positions (think_at entropy:Q), same model, M, L, N and tokens,
+    timed in turn in one process. The floor: think_at_floor, with Q the chosen fraction K / n."""
+    qs = think_at_model(size, k, t, P, device)
+    tokens = torch.randint(0, qs.model.config.vocab_size, (1, n), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step(think_at: str):
         qs.config.think_at = think_at
@@ -301,10 +347,27 @@ def run_child(kind: str, allocator: str | None = None, **kwargs) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def compare_paths(shape: tuple, allocator) -> None:
+    size, n, k = shape
+    print(f"A thinking step with --fast and without ({size}, n {n}, k {k}, t 4, P 2, {torch.get_num_threads()} "
+          "threads; forward, backward, AdamW; time alternated in one process, memory one process each)")
+    r = run_child("paths", allocator, size=size, n=n, k=k, t=4, P=2, repeats=1)
+    if "error" in r:
+        raise SystemExit(f"failed: {r['error']}")
+    for fast_paths in (True, False):
+        m = run_child("path_memory", allocator, size=size, n=n, k=k, t=4, P=2, fast_paths=fast_paths)
+        r[f"{'fast' if fast_paths else 'plain'}_peak_gib"] = m.get("peak_gib")
+    print(f"fast {r['fast_s']:.2f} s, plain {r['plain_s']:.2f} s: plain / fast x{r['plain_over_fast']:.3f}; "
+          f"peak {r['fast_peak_gib']:.2f} GiB fast, {r['plain_peak_gib']:.2f} GiB plain")
+    print(json.dumps(r))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small grid that runs in under 2 minutes")
     parser.add_argument("--think_at", action="store_true", help="only the think_at entropy:0.1 against all table")
+    parser.add_argument("--paths", action="store_true", help="only a thinking step with --fast against without it "
+                        "(SmolLM2-135M, n 128, k 12, t 4, P 2; --quick: the tiny model)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--allocator", default="auto", choices=["auto", "jemalloc", "glibc"],
                         help="CPU memory allocator of the measuring processes (auto: jemalloc if installed)")
@@ -323,6 +386,10 @@ def main():
             print(json.dumps(where_time_goes(**spec, device=device)))
         elif kind == "think_at":
             print(json.dumps(measure_think_at(**spec, device=device)))
+        elif kind == "paths":
+            print(json.dumps(measure_paths(**spec, device=device)))
+        elif kind == "path_memory":
+            print(json.dumps(measure_path_memory(**spec, device=device)))
         else:
             print(json.dumps(generation_speed(**spec, device=device)))
         return
@@ -347,6 +414,8 @@ def main():
         repeats = 3
     if args.think_at:                                  # only that table
         steps, profiles, attention, generation = [], [], [], []
+    if args.paths:
+        return compare_paths(("tiny", 128, 12) if args.quick else ("smollm2-135m", 128, 12), allocator)
 
     figures = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "allocator": "jemalloc" if allocator else "default",

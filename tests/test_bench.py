@@ -2,6 +2,7 @@
 table runs them (a crash there reports an "error" row instead of numbers, so check for it)."""
 
 import pytest
+import torch
 
 from machinery import bench
 
@@ -53,3 +54,24 @@ def test_a_think_at_measurement_reports_the_floor_of_its_chosen_positions():
     # (1 + 2 * (2 + 1 + 3) * 0.125) / (1 + 2 * 6) = 2.5 / 13.
     assert row["floor"] == pytest.approx(2.5 / 13)
     assert row["every_s"] > 0 and row["some_s"] > 0 and row["ratio"] == pytest.approx(row["some_s"] / row["every_s"])
+
+
+def test_the_think_at_measurement_thinks_at_the_chosen_positions_only():
+    """Its model must read think_at at every call: every position with "all", ceil(0.1 * 23) = 3 with entropy:0.1."""
+    qs = bench.think_at_model("tiny", k=5, t=3, P=2, device=torch.device("cpu"))
+    tokens, seen = torch.randint(0, 512, (1, 24)), []
+    streams = qs.streams
+    qs.streams = lambda *args: seen.append(args[5]) or streams(*args)        # args[5]: the positions, or None
+    for think_at in ("all", "entropy:0.1"):
+        qs.config.think_at = think_at
+        qs(tokens)
+    assert seen[0] is None and seen[1].shape == (1, 3)
+
+
+def test_the_paths_measurement_times_both_paths_in_turn():
+    row = bench.run_child("paths", size="tiny", n=24, k=5, t=3, P=2, repeats=1)
+    assert "error" not in row, row["error"] if "error" in row else ""
+    assert len(row["times"]["fast"]) == len(row["times"]["plain"]) == 2
+    assert row["plain_over_fast"] == pytest.approx(row["plain_s"] / row["fast_s"])
+    memory = bench.run_child("path_memory", size="tiny", n=24, k=5, t=3, P=2, fast_paths=False)
+    assert memory["peak_gib"] > 0
