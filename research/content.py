@@ -190,8 +190,12 @@ def answer_comparison(qs: QuietStar, tokenizer, windows: torch.Tensor, focus: to
     oracle, found = oracle_thoughts(tokenizer, windows.cpu(), targets, qs.config.thought_len, filler_id)
     scores = score_focus(qs, windows, targets.to(windows.device), filler_id, batch_size, oracle)   # a few streams each
     post = {p: scores[f"post_{p}"] for p in ("sampled", "filler", "shuffled", "oracle")} | {"none": scores["none"]}
-    result = {"mixed": compare_thoughts(scores, targets & found[:, None], focus_only=True),
-              "post": compare_thoughts(post, targets & found[:, None], focus_only=True),
+    counted = targets & found[:, None]
+    first = counted & ~F.pad(targets[:, :-1], (1, 0))                         # each answer's first digit only
+    result = {"mixed": compare_thoughts(scores, counted, focus_only=True),
+              "post": compare_thoughts(post, counted, focus_only=True),
+              "mixed_first_digit": compare_thoughts(scores, first, focus_only=True),
+              "post_first_digit": compare_thoughts(post, first, focus_only=True),
               "answer_thoughts": answer_thoughts(tokenizer, windows.cpu(), targets, scores)}
     if getattr(qs.config, "think_fraction", None) is not None:
         result["answers_selected"] = answers_selected(qs, windows, targets.to(windows.device))
@@ -310,8 +314,8 @@ def main(argv=None) -> int:
             texts = arithmetic_texts(args.limit, seed=HELDOUT_SEED + args.seed, bare_fraction=args.bare_fraction,
                                      kinds=args.problems)
             result = heldout_answers(qs.eval(), tokenizer, texts, args.seq_len, reward_windows=args.reward_windows)
-            for name in ("mixed", "post"):
-                print(f"answer digits, {name}:\n" + format_comparison(result[name]))
+            for name in ("mixed", "post", "mixed_first_digit", "post_first_digit"):
+                print(f"answer digits, {name.replace('_', ' ')}:\n" + format_comparison(result[name]))
             a = result["answer_thoughts"]
             print(f"thoughts that write the answer: {a['answer_in_sampled_thought']:.3f} (another problem's: "
                   f"{a['answer_in_shuffled_thought']:.3f}; n = {a['n']})")
