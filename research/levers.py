@@ -153,20 +153,27 @@ def answer_positions(answer_start: Tensor, extra: Tensor | None = None) -> tuple
     return torch.where(real, at, last), real
 
 
-def lever_advantages(reward: Tensor, baseline: str, group_std: bool, clip_negative: bool) -> Tensor:
-    """reward (B, M, K) -> advantage (B, M, K). baseline "mean": r_m - mean of the M (the paper); "loo": r_m -
-    mean of the other M - 1 = M / (M - 1) (r_m - mean), an unbiased baseline since it does not hold r_m itself.
-    group_std: divided by the M rewards' std (+1e-4: equal rewards give 0). clip_negative: below 0 -> 0. With
-    M = 1 the advantage is the reward itself (the gain over no thought), as in qstar.advantages."""
-    M = reward.shape[1]
-    if M == 1:
-        advantage = reward
+def lever_advantages(reward: Tensor, baseline: str, group_std: bool, clip_negative: bool,
+                     own: Tensor | None = None) -> Tensor:
+    """reward (B, M, K) -> advantage (B, M, K). own (B, M, K): the model's own samples (default all); a forced
+    thought is not the policy's, so it is neither judged nor part of a baseline. With n own samples at a position:
+    baseline "mean": r_m - their mean (the paper); "loo": r_m - the mean of the other n - 1 = n / (n - 1) (r_m -
+    mean), an unbiased baseline since it does not hold r_m itself. group_std: divided by their std (+1e-4: equal
+    rewards give 0). clip_negative: below 0 -> 0. 0 where the thought is not own or n < 2 (nothing to compare
+    with); with M = 1 the advantage is the reward itself (the gain over no thought), as in qstar.advantages."""
+    own = torch.ones_like(reward, dtype=torch.bool) if own is None else own
+    if reward.shape[1] == 1:
+        advantage = reward.where(own, 0.0)
     else:
-        advantage = reward - reward.mean(dim=1, keepdim=True)
+        n = own.sum(dim=1, keepdim=True)                                       # (B, 1, K)
+        mean = reward.where(own, 0.0).sum(dim=1, keepdim=True) / n.clamp(min=1)
+        advantage = reward - mean
         if baseline == "loo":
-            advantage = advantage * M / (M - 1)
+            advantage = advantage * n / (n - 1).clamp(min=1)
         if group_std:
-            advantage = advantage / (reward.std(dim=1, keepdim=True) + 1e-4)
+            var = ((reward - mean) ** 2).where(own, 0.0).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
+            advantage = advantage / (var.sqrt() + 1e-4)
+        advantage = advantage.where(own & (n > 1), 0.0)
     return advantage.clamp(min=0) if clip_negative else advantage
 
 
@@ -264,7 +271,8 @@ class Levers(QuietStar):
         valid = s["valid"] & (True if real is None else real.repeat_interleave(M, dim=0))     # (B*M, K)
         sampled = valid & ~forced                                                   # REINFORCE: own samples only
         reward = s["rewards"][cfg.reward_from]
-        advantage = lever_advantages(reward.view(B, M, K), cfg.baseline, cfg.group_std, cfg.clip_negative_advantage)
+        advantage = lever_advantages(reward.view(B, M, K), cfg.baseline, cfg.group_std, cfg.clip_negative_advantage,
+                                     sampled.view(B, M, K))
         reinforce = reinforce_loss(advantage, s["thought_logp"].view(B, M, K), sampled.view(B, M, K))
         nll_forced = masked_mean(-s["thought_logp"], forced & valid) / L            # per forced thought token
         policy_term = cfg.policy_weight * reinforce

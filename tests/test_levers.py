@@ -156,6 +156,23 @@ def test_group_advantages_by_hand():
     assert lever_advantages(reward, "loo", False, True).flatten().tolist() == pytest.approx([0, 0, 0, 4])
 
 
+def test_forced_thoughts_are_neither_judged_nor_part_of_a_baseline():
+    """Rewards 1, 2, 4, 8 at one position, the third thought forced: the own ones are 1, 2, 8 (mean 11/3)."""
+    reward, own = torch.tensor([1.0, 2.0, 4.0, 8.0]).view(1, 4, 1), torch.tensor([True, True, False, True]).view(1, 4, 1)
+    assert lever_advantages(reward, "mean", False, False, own).flatten().tolist() == pytest.approx(
+        [1 - 11 / 3, 2 - 11 / 3, 0, 8 - 11 / 3])
+    # leave-one-out among the own: 1 - (2 + 8) / 2, 2 - (1 + 8) / 2, 8 - (1 + 2) / 2
+    assert lever_advantages(reward, "loo", False, False, own).flatten().tolist() == pytest.approx([-4, -2.5, 0, 6.5])
+    std = math.sqrt(((1 - 11 / 3) ** 2 + (2 - 11 / 3) ** 2 + (8 - 11 / 3) ** 2) / 2)      # sample std of 1, 2, 8
+    assert lever_advantages(reward, "mean", True, False, own).flatten().tolist() == pytest.approx(
+        [(1 - 11 / 3) / std, (2 - 11 / 3) / std, 0, (8 - 11 / 3) / std], rel=1e-4)
+    one_own = torch.tensor([False, True, False, False]).view(1, 4, 1)   # one own sample: nothing to compare with
+    assert lever_advantages(reward, "loo", True, False, one_own).abs().max() == 0
+    everyone = torch.ones_like(own)
+    assert torch.equal(lever_advantages(reward, "loo", True, False, everyone),
+                       lever_advantages(reward, "loo", True, False))
+
+
 def test_reward_sources_by_hand():
     """M = 2, two positions. Mixed rewards (0.1, 0.3) and (0.2, 0.2); post-thought ones (1.0, -1.0), (0.5, 2.0)."""
     rewards = {"mixed": torch.tensor([[0.1, 0.2], [0.3, 0.2]]),          # (B*M = 2, K = 2): thought 0, thought 1
