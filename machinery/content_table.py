@@ -35,21 +35,27 @@ def paired_rate_difference(end: list[int], start: list[int], n_boot: int = 2000,
     return float(d.mean()), float(low), float(high)
 
 
-def seed_row(run: Path, start: dict, held: dict, versus: dict | None = None) -> dict:
+def seed_row(run: Path, start: dict | None, held: dict, versus: dict | None = None) -> dict:
+    """One run's row; start None (not measured): no accuracy change from the start, and "wins" is None."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     focus = (held["answers"] if "answers" in held else held["mixed"])["focus"]
     post = held["post"]["focus"]["diff"] if "post" in held else None
-    hits, start_hits = held["answer_thoughts"]["sampled_hits"], start["answer_thoughts"]["sampled_hits"]
-    if len(hits) != len(start_hits):
+    hits = held["answer_thoughts"]["sampled_hits"]
+    start_hits = start["answer_thoughts"]["sampled_hits"] if start else None
+    if start_hits is not None and len(hits) != len(start_hits):
         raise ValueError(f"{run}: {len(hits)} answers, the start has {len(start_hits)}: not the same held-out set")
-    accuracy = paired_rate_difference(hits, start_hits)
+    accuracy = paired_rate_difference(hits, start_hits) if start_hits is not None else None
     diffs = focus["diff"]
-    wins = all(diffs[k][2] < 0 for k in ("sampled-none", "sampled-filler", "sampled-shuffled")) and accuracy[1] > 0
+    below = all(diffs[k][2] < 0 for k in ("sampled-none", "sampled-filler", "sampled-shuffled"))
+    wins = below and accuracy[1] > 0 if accuracy else None
+    first = {name: held[f"{name}_first_digit"]["focus"]["diff"] for name in ("mixed", "post")
+             if f"{name}_first_digit" in held}
     thinking = [r for r in rows if r.get("phase") == "think"]
     evals = [r for r in rows if "eval_thought_accuracy" in r]
     agreement = [r["reward_agreement"] for r in thinking if "reward_agreement" in r]
     return {"run": str(run), "answers": focus["n_windows"], "answer_tokens": focus["n_tokens"], "nll": focus["nll"],
-            "diff": diffs, "post_diff": post, "thought_accuracy_start": float(np.mean(start_hits)),
+            "diff": diffs, "post_diff": post, "first_digit_diff": first or None,
+            "thought_accuracy_start": float(np.mean(start_hits)) if start_hits is not None else None,
             "thought_accuracy_end": float(np.mean(hits)), "thought_accuracy_end_minus_start": accuracy,
             "shuffled_thought_accuracy_end": held["answer_thoughts"]["answer_in_shuffled_thought"],
             "content_reward": held.get("content_reward"), "answers_selected": held.get("answers_selected"),
@@ -88,25 +94,28 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders, each with metrics.jsonl and heldout.json")
     parser.add_argument("--start", default="{run}-step50/heldout.json",
-                        help="the held-out JSON before thinking began; {run} is the run folder, {name} its name and "
-                             "{prefix} its name up to the last '-' (default: %(default)s)")
+                        help="the held-out JSON before thinking began (a run without one has no accuracy change); "
+                             "{run} is the run folder, {name} its name and {prefix} its name up to the last '-' "
+                             "(default: %(default)s)")
     parser.add_argument("--heldout", default="{run}/heldout.json", help="the run's held-out JSON (default: %(default)s)")
     parser.add_argument("--versus", default=None, help="another run's held-out JSON on the same answers (e.g. the "
                         "same recipe without REINFORCE): the paired difference in thought accuracy")
     parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     parser.add_argument("--svg", type=Path, default=None, help="draw thought accuracy over steps here (SVG)")
     args = parser.parse_args(argv)
-    def read(pattern: str, run: Path) -> dict:
-        return json.loads(Path(pattern.format(run=run, name=run.name, prefix=run.name.rpartition("-")[0])).read_text())
-    table = [seed_row(run, read(args.start, run), read(args.heldout, run), args.versus and read(args.versus, run))
-             for run in args.runs]
+    def read(pattern: str, run: Path, missing_ok: bool = False) -> dict | None:
+        path = Path(pattern.format(run=run, name=run.name, prefix=run.name.rpartition("-")[0]))
+        return None if missing_ok and not path.exists() else json.loads(path.read_text())
+    table = [seed_row(run, read(args.start, run, missing_ok=True), read(args.heldout, run),
+                      args.versus and read(args.versus, run)) for run in args.runs]
     print(f"{'run':28} {'n':>4} {'sampled-none':>26} {'sampled-filler':>26} {'sampled-shuffled':>26} "
           f"{'oracle-none':>26} {'accuracy end-start':>26} wins")
     for r in table:
-        d = r["diff"]
+        d, change = r["diff"], r["thought_accuracy_end_minus_start"]
+        change = interval(change) if change else "(no start measured)"
         print(f"{Path(r['run']).name:28} {r['answers']:>4} {interval(d['sampled-none']):>26} "
               f"{interval(d['sampled-filler']):>26} {interval(d['sampled-shuffled']):>26} "
-              f"{interval(d['oracle-none']):>26} {interval(r['thought_accuracy_end_minus_start']):>26} {r['wins']}")
+              f"{interval(d['oracle-none']):>26} {change:>26} {r['wins']}")
     if args.svg:
         args.svg.write_text(accuracy_svg(table, "Thoughts before a bare answer that write it (train.py's evaluations)"))
     if args.out:

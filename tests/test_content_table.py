@@ -71,3 +71,23 @@ def test_the_accuracy_figure_is_a_standalone_svg_with_a_line_per_run_and_control
     assert len(lines["seed8_sampled"].split()) == 2 and len(lines["seed7_sampled"].split()) == 1   # one per eval
     legend = [t.text for t in svg.iter(f"{ns}text")]
     assert "seed7 sampled" in legend and "seed8 shuffled" in legend
+
+
+def test_a_run_without_a_measured_start_has_no_verdict(tmp_path):
+    below = [-0.2, -0.3, -0.1]
+    good = dict.fromkeys(("sampled-none", "sampled-filler", "sampled-shuffled", "oracle-none"), below)
+    r = row(write_run(tmp_path / "a", good, [1] * 20 + [0] * 20), None)
+    assert r["wins"] is None and r["thought_accuracy_end_minus_start"] is None and r["thought_accuracy_start"] is None
+    assert main([str(tmp_path / "a"), "--start", str(tmp_path / "absent.json"), "--out", str(tmp_path / "t.json")]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["seeds"][0]["wins"] is None
+
+
+def test_first_digit_contrasts_are_carried_when_measured(tmp_path):
+    diffs = dict.fromkeys(("sampled-none", "sampled-filler", "sampled-shuffled", "oracle-none"), [-0.2, -0.3, -0.1])
+    folder = write_run(tmp_path / "a", diffs, [1, 0])
+    held = json.loads((folder / "heldout.json").read_text())
+    first = {"focus": {"diff": {"sampled-none": [-0.5, -0.9, -0.1]}}}
+    held |= {"mixed_first_digit": first, "post_first_digit": first}
+    assert seed_row(folder, None, held)["first_digit_diff"] == {"mixed": first["focus"]["diff"],
+                                                                "post": first["focus"]["diff"]}
+    assert row(folder, None)["first_digit_diff"] is None
