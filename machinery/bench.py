@@ -170,10 +170,11 @@ def think_at_model(size: str, k: int, t: int, P: int, device):
     return fast.use(qs)
 
 
-def measure_paths(size: str, n: int, k: int, t: int, P: int, repeats: int, device) -> dict:
+def measure_paths(size: str, n: int, k: int, t: int, P: int, device) -> dict:
     """The two computations of one thinking step, train.py's --fast (fast.py's twins) and its default (qstar.py's
-    plain path), on the same model and tokens: forward, backward and AdamW, timed in turn in one process (fast,
-    plain, fast, plain: each the faster of its two), and each one's peak memory in a process of its own."""
+    plain path), on the same model and tokens: forward, backward and AdamW, each run once untimed, then timed in
+    turn in one process (fast, plain, fast, plain: each the faster of its two). measure_path_memory: each one's peak
+    memory, in a process of its own."""
     from qstar import QuietStar, QuietStarConfig
     model = build(size, device)
     tokens = torch.randint(0, model.config.vocab_size, (1, n), device=device)
@@ -190,9 +191,14 @@ def measure_paths(size: str, n: int, k: int, t: int, P: int, repeats: int, devic
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    step(True), step(False)                                    # warm-up: the first touch of each path's memory
     times = {"fast": [], "plain": []}
-    for name in ("fast", "plain", "fast", "plain"):
-        times[name].append(timed(lambda: step(name == "fast"), device, repeats))
+    for name in ("fast", "plain") * 2:
+        gpu.synchronize(device)
+        start = time.perf_counter()
+        step(name == "fast")
+        gpu.synchronize(device)
+        times[name].append(time.perf_counter() - start)
     fast_s, plain_s = min(times["fast"]), min(times["plain"])
     return {"size": size, "n": n, "k": k, "t": t, "P": P, "fast_s": fast_s, "plain_s": plain_s,
             "plain_over_fast": plain_s / fast_s, "times": times}
@@ -351,7 +357,7 @@ def compare_paths(shape: tuple, allocator) -> None:
     size, n, k = shape
     print(f"A thinking step with --fast and without ({size}, n {n}, k {k}, t 4, P 2, {torch.get_num_threads()} "
           "threads; forward, backward, AdamW; time alternated in one process, memory one process each)")
-    r = run_child("paths", allocator, size=size, n=n, k=k, t=4, P=2, repeats=1)
+    r = run_child("paths", allocator, size=size, n=n, k=k, t=4, P=2)
     if "error" in r:
         raise SystemExit(f"failed: {r['error']}")
     for fast_paths in (True, False):

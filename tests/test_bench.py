@@ -69,7 +69,7 @@ def test_the_think_at_measurement_thinks_at_the_chosen_positions_only():
 
 
 def test_the_paths_measurement_times_both_paths_in_turn():
-    row = bench.run_child("paths", size="tiny", n=24, k=5, t=3, P=2, repeats=1)
+    row = bench.run_child("paths", size="tiny", n=24, k=5, t=3, P=2)
     assert "error" not in row, row["error"] if "error" in row else ""
     assert len(row["times"]["fast"]) == len(row["times"]["plain"]) == 2
     assert row["plain_over_fast"] == pytest.approx(row["plain_s"] / row["fast_s"])
