@@ -170,18 +170,23 @@ def think_at_model(size: str, k: int, t: int, P: int, device):
     return fast.use(qs)
 
 
+def paths_model(size: str, k: int, t: int, P: int, device):
+    """The paper's QuietStar on a random model, its mixing head live: the step both paths time."""
+    from qstar import QuietStar, QuietStarConfig
+    qs = QuietStar(build(size, device), QuietStarConfig(thought_len=k - 3, n_true=t, n_thoughts=P, marker_init="x"),
+                   Tokenizer1()).to(device)
+    torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.01)
+    return qs
+
+
 def measure_paths(size: str, n: int, k: int, t: int, P: int, device) -> dict:
     """The two computations of one thinking step, train.py's --fast (fast.py's twins) and its default (qstar.py's
     plain path), on the same model and tokens: forward, backward and AdamW, each run once untimed, then timed in
     turn in one process (fast, plain, fast, plain: each the faster of its two). measure_path_memory: each one's peak
     memory, in a process of its own."""
-    from qstar import QuietStar, QuietStarConfig
-    model = build(size, device)
-    tokens = torch.randint(0, model.config.vocab_size, (1, n), device=device)
+    qs = paths_model(size, k, t, P, device)
+    tokens = torch.randint(0, qs.model.config.vocab_size, (1, n), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    qs = QuietStar(model, QuietStarConfig(thought_len=k - 3, n_true=t, n_thoughts=P, marker_init="x"),
-                   Tokenizer1()).to(device)
-    torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.01)
     optimizer = torch.optim.AdamW(qs.parameters(), lr=1e-6)
 
     def step(fast_paths: bool):
@@ -206,12 +211,8 @@ def measure_paths(size: str, n: int, k: int, t: int, P: int, device) -> dict:
 
 def measure_path_memory(size: str, n: int, k: int, t: int, P: int, fast_paths: bool, device) -> dict:
     """Peak memory of one thinking step on one path, alone in its process."""
-    from qstar import QuietStar, QuietStarConfig
-    model = build(size, device)
-    tokens = torch.randint(0, model.config.vocab_size, (1, n), device=device)
-    qs = fast.use(QuietStar(model, QuietStarConfig(thought_len=k - 3, n_true=t, n_thoughts=P, marker_init="x"),
-                            Tokenizer1()).to(device), fast_paths)
-    torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.01)
+    qs = fast.use(paths_model(size, k, t, P, device), fast_paths)
+    tokens = torch.randint(0, qs.model.config.vocab_size, (1, n), device=device)
     gpu.reset_peak(device)
     qs(tokens)["loss"].backward()
     return {"size": size, "n": n, "k": k, "fast": fast_paths, "peak_gib": peak_memory(device)}
