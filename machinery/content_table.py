@@ -11,7 +11,9 @@ end - start is a paired difference (bootstrap over answers). The table shows the
 where measured, the post-thought prediction's ("post").
 
 --svg draws each run's thought accuracy over its training steps (train.py's evaluations) beside the same fraction
-for another problem's thought (dashed), as a standalone SVG file.
+for another problem's thought (dashed), as a standalone SVG file. --markdown writes the tables of docs/results.md:
+every predictor's contrasts per run (the start's once per plain checkpoint), each run's settings and thought
+accuracy, and its first held-out thoughts.
 
 A seed wins when sampled - none, sampled - filler and sampled - shuffled on the bare answers all have 95% intervals
 below 0, and the thought accuracy rose with an interval above 0.
@@ -35,8 +37,33 @@ def paired_rate_difference(end: list[int], start: list[int], n_boot: int = 2000,
     return float(d.mean()), float(low), float(high)
 
 
+PREDICTORS = {"mixed": "mixed, all digits", "mixed_first_digit": "mixed, first digit", "post": "post, all digits",
+              "post_first_digit": "post, first digit"}
+SETTINGS = ("seed", "think_at", "n_thoughts", "clip_negative_advantage", "policy_weight")
+
+
+def predictors(held: dict) -> dict:
+    """research/content.py's file -> {predictor: {n_tokens, nll_none, diff}} for each one it measured."""
+    if "answers" in held:                                          # eval.py's older layout: the mixed one only
+        held = {"mixed": held["answers"]}
+    return {key: {"n_tokens": held[key]["focus"]["n_tokens"], "nll_none": held[key]["focus"]["nll"].get("none"),
+                  "diff": held[key]["focus"]["diff"]} for key in PREDICTORS if key in held}
+
+
+def run_settings(run: Path) -> dict | None:
+    """The settings that tell runs of one recipe apart, from the last checkpoint's train_config.json (None if absent)."""
+    latest = run / "latest"
+    path = run / latest.read_text().strip() / "train_config.json" if latest.exists() else None
+    if path is None or not path.exists():
+        return None
+    config = json.loads(path.read_text())
+    config = config.get("train", {}) | config.get("qstar", {})
+    return {key: config.get(key) for key in SETTINGS}
+
+
 def seed_row(run: Path, start: dict | None, held: dict, versus: dict | None = None) -> dict:
-    """One run's row; start None (not measured): no accuracy change from the start, and "wins" is None."""
+    """One run's row; start None (not measured): no accuracy change from the start, and "wins" is None. "meets":
+    sampled - none, - filler and - shuffled (mixed, every digit) all have 95% intervals below 0."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     focus = (held["answers"] if "answers" in held else held["mixed"])["focus"]
     post = held["post"]["focus"]["diff"] if "post" in held else None
@@ -48,6 +75,9 @@ def seed_row(run: Path, start: dict | None, held: dict, versus: dict | None = No
     diffs = focus["diff"]
     below = all(diffs[k][2] < 0 for k in ("sampled-none", "sampled-filler", "sampled-shuffled"))
     wins = below and accuracy[1] > 0 if accuracy else None
+    at_answers = [r["mix_weight_answers"] for r in rows if r.get("phase") == "think" and "mix_weight_answers" in r]
+    answer_streams = [r["answer_streams"] for r in rows if r.get("phase") == "think" and "answer_streams" in r
+                      and not r.get("forced_streams")]                     # after the warm start: own samples only
     first = {name: held[f"{name}_first_digit"]["focus"]["diff"] for name in ("mixed", "post")
              if f"{name}_first_digit" in held}
     thinking = [r for r in rows if r.get("phase") == "think"]
@@ -63,8 +93,13 @@ def seed_row(run: Path, start: dict | None, held: dict, versus: dict | None = No
             "shuffled_accuracy_over_steps": [(r["step"], r["eval_thought_accuracy"][1]) for r in evals],
             "oracle_minus_none_over_steps": [(r["step"], r["eval_answer_diff"]["oracle-none"][0]) for r in evals
                                              if "oracle-none" in r.get("eval_answer_diff", {})],
-            "last_mix_weight": thinking[-1]["mix_weight_mean"] if thinking else None,
-            "reward_agreement_mean": float(np.mean(agreement)) if agreement else None, "wins": wins,
+            "last_mix_weight": thinking[-1].get("mix_weight_mean") if thinking else None,
+            "reward_agreement_mean": float(np.mean(agreement)) if agreement else None, "wins": wins, "meets": below,
+            "last_mix_weight_answers": at_answers[-1] if at_answers else None,
+            "answer_streams_mean": float(np.mean(answer_streams)) if answer_streams else None,
+            "settings": run_settings(run), "predictors": predictors(held),
+            "start_predictors": (predictors(start) or None) if start else None,
+            "examples": [(e["thought"], e["answer"]) for e in held["answer_thoughts"].get("examples", [])[:8]],
             "thought_accuracy_minus_versus": paired_rate_difference(hits, versus["answer_thoughts"]["sampled_hits"])
             if versus else None}
 
@@ -90,6 +125,49 @@ def interval(v) -> str:
     return f"{v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]"
 
 
+def markdown(table: list[dict]) -> str:
+    """docs/results.md's tables from the rows: contrasts per predictor (bold: the 95% interval lies below 0), then
+    settings and thought accuracy per run, then each run's first held-out thoughts."""
+    def cell(v, pct=False):
+        if v is None:
+            return "n/a"
+        text = f"{100 * v[0]:+.1f} [{100 * v[1]:+.1f}, {100 * v[2]:+.1f}]" if pct else interval(v)
+        return text if pct or v[2] >= 0 else f"**{text}**"
+    lines = ["| run | predictor, tokens scored | NLL none | sampled − none | sampled − filler | sampled − shuffled "
+             "| oracle − none |", "|---|---|---|---|---|---|---|"]
+    starts_shown = set()
+    for r in table:
+        name, prefix = Path(r["run"]).name, Path(r["run"]).name.rpartition("-")[0]
+        blocks = [(name, r["predictors"])]
+        if r.get("start_predictors") and prefix not in starts_shown:
+            starts_shown.add(prefix)
+            blocks.insert(0, (f"{prefix} start", r["start_predictors"]))
+        for label, preds in blocks:
+            for key, p in preds.items():
+                d = p["diff"]
+                nll = f"{p['nll_none']:.4f}" if p["nll_none"] is not None else "n/a"
+                lines.append(f"| {label} | {PREDICTORS[key]} ({p['n_tokens']}) | {nll} | " + " | ".join(
+                    cell(d.get(k)) for k in ("sampled-none", "sampled-filler", "sampled-shuffled", "oracle-none")) + " |")
+    lines += ["", "| run | seed | think at | thoughts | negative advantages | REINFORCE weight | streams at answers "
+              "| thought writes the answer: start → end | end − start, points [95%] | − versus, points [95%] "
+              "| mixing weight at answers, last step | three contrasts below 0 |", "|" + "---|" * 12]
+    for r in table:
+        s = r.get("settings") or dict.fromkeys(SETTINGS)
+        start = f"{100 * r['thought_accuracy_start']:.1f}%" if r["thought_accuracy_start"] is not None else "n/a"
+        negative = {True: "clipped", False: "kept", None: "n/a"}[s["clip_negative_advantage"]]
+        streams = f"{r['answer_streams_mean']:.2f}" if r.get("answer_streams_mean") is not None else "n/a"
+        weight = f"{r['last_mix_weight_answers']:.3f}" if r.get("last_mix_weight_answers") is not None else "n/a"
+        lines.append(f"| {Path(r['run']).name} | {s['seed']} | {s['think_at']} | {s['n_thoughts']} | {negative} | "
+                     f"{s['policy_weight']} | {streams} | {start} → {100 * r['thought_accuracy_end']:.1f}% | "
+                     f"{cell(r['thought_accuracy_end_minus_start'], True)} | "
+                     f"{cell(r['thought_accuracy_minus_versus'], True)} | {weight} | {'yes' if r['meets'] else 'no'} |")
+    for r in table:
+        if r.get("examples"):
+            shown = ", ".join(f"`{t.replace(chr(10), '⏎')}` before {a.strip()}" for t, a in r["examples"])
+            lines += ["", f"{Path(r['run']).name}, the first {len(r['examples'])} held-out answers: {shown}."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders, each with metrics.jsonl and heldout.json")
@@ -102,12 +180,17 @@ def main(argv=None) -> int:
                         "same recipe without REINFORCE): the paired difference in thought accuracy")
     parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     parser.add_argument("--svg", type=Path, default=None, help="draw thought accuracy over steps here (SVG)")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the tables as Markdown here")
     args = parser.parse_args(argv)
-    def read(pattern: str, run: Path, missing_ok: bool = False) -> dict | None:
-        path = Path(pattern.format(run=run, name=run.name, prefix=run.name.rpartition("-")[0]))
-        return None if missing_ok and not path.exists() else json.loads(path.read_text())
-    table = [seed_row(run, read(args.start, run, missing_ok=True), read(args.heldout, run),
-                      args.versus and read(args.versus, run)) for run in args.runs]
+    def path(pattern: str, run: Path) -> Path:
+        return Path(pattern.format(run=run, name=run.name, prefix=run.name.rpartition("-")[0]))
+    def read(pattern: str | None, run: Path, missing_ok: bool = False) -> dict | None:
+        found = pattern and path(pattern, run)
+        return None if not found or missing_ok and not found.exists() else json.loads(found.read_text())
+    def versus(run: Path) -> dict | None:                               # never a run against itself
+        return None if args.versus and path(args.versus, run) == path(args.heldout, run) else read(args.versus, run)
+    table = [seed_row(run, read(args.start, run, missing_ok=True), read(args.heldout, run), versus(run))
+             for run in args.runs]
     print(f"{'run':28} {'n':>4} {'sampled-none':>26} {'sampled-filler':>26} {'sampled-shuffled':>26} "
           f"{'oracle-none':>26} {'accuracy end-start':>26} wins")
     for r in table:
@@ -118,6 +201,8 @@ def main(argv=None) -> int:
               f"{interval(d['oracle-none']):>26} {change:>26} {r['wins']}")
     if args.svg:
         args.svg.write_text(accuracy_svg(table, "Thoughts before a bare answer that write it (train.py's evaluations)"))
+    if args.markdown:
+        args.markdown.write_text(markdown(table))
     if args.out:
         args.out.write_text(json.dumps({"command": "python -m machinery.content_table " + " ".join(sys.argv[1:]),
                                         "seeds": table}, indent=1))

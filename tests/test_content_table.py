@@ -91,3 +91,31 @@ def test_first_digit_contrasts_are_carried_when_measured(tmp_path):
     assert seed_row(folder, None, held)["first_digit_diff"] == {"mixed": first["focus"]["diff"],
                                                                 "post": first["focus"]["diff"]}
     assert row(folder, None)["first_digit_diff"] is None
+
+
+def test_the_markdown_tables_show_each_runs_settings_contrasts_and_accuracy(tmp_path):
+    below, straddles = [-0.2, -0.3, -0.1], [-0.01, -0.02, +0.01]
+    diffs = dict.fromkeys(("sampled-none", "sampled-filler", "sampled-shuffled", "oracle-none"), below)
+    run = write_run(tmp_path / "s7-clip", diffs | {"sampled-shuffled": straddles}, [1, 1, 0, 0])
+    # a forced step (no own sample: answer_streams 0, left out), then two own steps with 1.0 and 0.5 at answers
+    steps = [{"step": 1, "phase": "think", "forced_streams": 1.0, "answer_streams": 0.0, "mix_weight_answers": 0.06},
+             {"step": 2, "phase": "think", "forced_streams": 0.0, "answer_streams": 1.0, "mix_weight_answers": 0.2},
+             {"step": 3, "phase": "think", "forced_streams": 0.0, "answer_streams": 0.5, "mix_weight_answers": 0.3}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    (run / "checkpoint-3").mkdir()
+    (run / "latest").write_text("checkpoint-3")
+    (run / "checkpoint-3" / "train_config.json").write_text(json.dumps({
+        "train": {"seed": 7}, "qstar": {"think_at": "random:0.1", "n_thoughts": 16, "clip_negative_advantage": True,
+                                        "policy_weight": 1.0}}))
+    (tmp_path / "start.json").write_text(json.dumps({"answer_thoughts": {"sampled_hits": [0, 1, 0, 0]}}))
+    (tmp_path / "versus.json").write_text(json.dumps({"answer_thoughts": {"sampled_hits": [0, 0, 0, 0]}}))
+    assert main([str(run), "--start", str(tmp_path / "start.json"), "--versus", str(tmp_path / "versus.json"),
+                 "--markdown", str(tmp_path / "t.md")]) == 0
+    text = (tmp_path / "t.md").read_text()
+    assert "| s7-clip | mixed, all digits (8) | n/a | **-0.2000 [-0.3000, -0.1000]** | **-0.2000 [-0.3000, -0.1000]** " \
+           "| -0.0100 [-0.0200, +0.0100] | **-0.2000 [-0.3000, -0.1000]** |" in text    # bold: interval below 0
+    # accuracy 1 of 4 -> 2 of 4 (+25 points), against versus 0 of 4 (+50); streams (1.0 + 0.5) / 2; last w 0.3
+    row = next(line for line in text.splitlines() if line.startswith("| s7-clip | 7 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:8] == ["random:0.1", "16", "clipped", "1.0", "0.75", "25.0% → 50.0%"]
+    assert cells[9].startswith("+50.0") and cells[10:] == ["0.300", "no"]
