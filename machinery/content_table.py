@@ -116,7 +116,7 @@ def accuracy_svg(table: list[dict], title: str) -> str:
             y = 44 + 16 * (2 * i + j)
             legend.append(f'<line x1="520" x2="544" y1="{y}" y2="{y}" stroke="{color}" stroke-width="2"{dash}/>'
                           f'<text x="550" y="{y + 4}">{_esc(name)} {kind}</text>')
-    figure = _chart(title, series, w=660, right=150)
+    figure = _chart(title, series, w=700, right=190, h=max(250, 60 + 32 * len(table)))   # room for the legend
     svg = figure[len("<figure>"):figure.index("</svg>")]
     return svg.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1) + "".join(legend) + "</svg>\n"
 
