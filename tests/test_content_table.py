@@ -119,3 +119,10 @@ def test_the_markdown_tables_show_each_runs_settings_contrasts_and_accuracy(tmp_
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:8] == ["random:0.1", "16", "clipped", "1.0", "0.75", "25.0% → 50.0%"]
     assert cells[9].startswith("+50.0") and cells[10:] == ["0.300", "no"]
+    # a run whose streams never sit at answers (entropy chose none) has no mixing weight there, not the logged 0
+    never = write_run(tmp_path / "s7-entropy", diffs, [0, 0, 0, 0])
+    (never / "metrics.jsonl").write_text(json.dumps({"step": 2, "phase": "think", "forced_streams": 0.0,
+                                                     "answer_streams": 0.0, "mix_weight_answers": 0.0}) + "\n")
+    assert main([str(never), "--markdown", str(tmp_path / "t.md")]) == 0
+    row = next(line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| s7-entropy | None"))
+    assert [c.strip() for c in row.strip("|").split("|")][6:11:4] == ["0.00", "n/a"]
