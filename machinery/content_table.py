@@ -75,13 +75,13 @@ def seed_row(run: Path, start: dict | None, held: dict, versus: dict | None = No
     diffs = focus["diff"]
     below = all(diffs[k][2] < 0 for k in ("sampled-none", "sampled-filler", "sampled-shuffled"))
     wins = below and accuracy[1] > 0 if accuracy else None
-    at_answers = [r["mix_weight_answers"] for r in rows if r.get("phase") == "think" and "mix_weight_answers" in r
+    thinking = [r for r in rows if r.get("phase") == "think"]
+    at_answers = [r["mix_weight_answers"] for r in thinking if "mix_weight_answers" in r
                   and (r.get("answer_streams") or r.get("forced_streams"))]     # a step with streams at answers
-    answer_streams = [r["answer_streams"] for r in rows if r.get("phase") == "think" and "answer_streams" in r
+    answer_streams = [r["answer_streams"] for r in thinking if "answer_streams" in r
                       and not r.get("forced_streams")]                     # after the warm start: own samples only
     first = {name: held[f"{name}_first_digit"]["focus"]["diff"] for name in ("mixed", "post")
              if f"{name}_first_digit" in held}
-    thinking = [r for r in rows if r.get("phase") == "think"]
     evals = [r for r in rows if "eval_thought_accuracy" in r]
     agreement = [r["reward_agreement"] for r in thinking if "reward_agreement" in r]
     return {"run": str(run), "answers": focus["n_windows"], "answer_tokens": focus["n_tokens"], "nll": focus["nll"],
