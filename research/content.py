@@ -1,7 +1,7 @@
 """Does a thought help by what it says? The instruments for bare arithmetic answers, beside eval.py's controls.
 
     python -m research.content --model out                       # 400 held-out problems, half of them bare
-    python -m research.content --model out --headroom            # per problem kind: bare vs worked, greedy
+    python -m research.content --model out --headroom 50         # per problem kind: bare vs worked, greedy, 50 each
 
 At each bare answer ("A: 47.", built-in arithmetic), the answer digits are scored with five thoughts before them:
 none, the sampled thought, a filler thought, another problem's thought (shuffled) and the oracle, the problem's own
@@ -253,36 +253,84 @@ def read_answer(text: str) -> tuple[str, int | None]:
     return "other", None
 
 
+FORMAT_CHARS = {"bare": "0123456789.", "worked": "0123456789+-*="}     # allowed while the format is being held
+
+
+@torch.no_grad()
+def greedy_in_format(model, tokenizer, prompt: str, form: str, max_new_tokens: int = 48) -> str:
+    """The greedy continuation of `prompt` ("Q: ...\nA: "), held to a format by allowing only FORMAT_CHARS[form]:
+    bare: digits, then the "." that ends the answer ("47."); worked: digits and + - * = until the first "=" (the
+    first worked step, "4*6="), then free until "\nQ:" or EOS ("4*6=24. 23+24=47. The answer is 47.")."""
+    allowed = [tokenizer.token_to_id(c) for c in FORMAT_CHARS[form]]
+    if None in allowed:
+        raise ValueError(f"the tokenizer has no single token for each of {FORMAT_CHARS[form]!r}")
+    allowed = torch.tensor(allowed)
+    cache, ids = model.new_cache(), []
+    h = model.hidden(model.embed(torch.tensor([tokenizer.encode(prompt).ids])), cache=cache)[:, -1:]
+    for _ in range(max_new_tokens):
+        logits = model.lm_head(h)[0, -1]                                                   # (V,)
+        held = form == "bare" or "=" not in tokenizer.decode(ids)
+        token = int(allowed[logits[allowed].argmax()]) if held else int(logits.argmax())
+        if token in model.config.eos_ids:
+            break
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if (form == "bare" and text.endswith(".")) or "\nQ:" in text:
+            break
+        h = model.hidden(model.embed(torch.tensor([[token]])), cache=cache)
+    return tokenizer.decode(ids).split("\nQ:")[0]
+
+
 @torch.no_grad()
 def headroom(model, tokenizer, n_per_kind: int = 50, seed: int = HELDOUT_SEED, max_new_tokens: int = 48) -> dict:
-    """Per problem kind: the model continues "Q: <question>\nA:" greedily (no thought); each continuation is
-    read as bare ("A: 47.") or worked ("A: 4*6=24. ... The answer is 47."), the format the model chose, and
-    checked against the true answer. Content can only buy the difference between the worked format's accuracy
-    and the bare one's. -> {kind: {n, bare: {n, correct, accuracy, interval}, worked: {...}, other}}."""
+    """Per problem kind, greedy continuations of "Q: <question>\nA:" (no thought), checked against the answer:
+    chosen: the format the model picks, read as bare ("A: 47."), worked ("A: 4*6=24. ... The answer is 47.") or
+    other; forced: the same problems held to each format (greedy_in_format), and worked - bare paired over them,
+    the accuracy a thought that writes the worked step could buy.
+    -> {kind: {n, chosen: {bare, worked, other}, forced: {bare, worked, worked_minus_bare}}}, each format
+    {n, correct, accuracy, interval}, the difference (mean, low, high)."""
     import random
     out = {}
     for kind in KINDS:
         rng = random.Random(f"{seed}-{kind}")
-        counts = {"bare": [0, 0], "worked": [0, 0], "other": [0, 0]}
+        chosen = {"bare": [0, 0], "worked": [0, 0], "other": [0, 0]}
+        right = {"bare": [], "worked": []}
         for _ in range(n_per_kind):
             text = arithmetic_problem(rng, bare=True, kinds=(kind,))
             question, _, answer = text.partition("\nA: ")
+            answer = int(answer.rstrip(".\n"))
             generated = decode(model, tokenizer, question + "\nA:", max_new_tokens, stop=["\nQ:"]).text
             form, given = read_answer(generated + "\n")
-            counts[form][0] += 1
-            counts[form][1] += given == int(answer.rstrip(".\n"))
-        out[kind] = {"n": n_per_kind} | {
-            form: {"n": n, "correct": c, "accuracy": c / n if n else float("nan"), "interval": wilson(c, n)}
-            for form, (n, c) in counts.items()}
+            chosen[form][0] += 1
+            chosen[form][1] += given == answer
+            for held in right:
+                given = read_answer(" " + greedy_in_format(model, tokenizer, question + "\nA: ", held,
+                                                           max_new_tokens) + "\n")
+                right[held].append(given == (held, answer))
+        forced = {form: [len(hits), sum(hits)] for form, hits in right.items()}
+        a, b = (torch.tensor(right[f], dtype=torch.float64)[:, None] for f in ("worked", "bare"))
+        out[kind] = {"n": n_per_kind, "chosen": proportions(chosen), "forced": proportions(forced) | {
+            "worked_minus_bare": paired_difference(a, b, torch.ones_like(a, dtype=torch.bool))}}
     return out
 
 
+def proportions(counts: dict) -> dict:
+    return {form: {"n": n, "correct": c, "accuracy": c / n if n else float("nan"), "interval": wilson(c, n)}
+            for form, (n, c) in counts.items()}
+
+
 def format_headroom(table: dict) -> str:
-    lines = [f"{'kind':>6} {'n':>4}  {'bare: n, accuracy [95%]':>28}  {'worked: n, accuracy [95%]':>28}  other"]
+    lines = [f"{'kind':>6} {'n':>4}  {'chosen bare: n, acc [95%]':>27}  {'chosen worked: n, acc [95%]':>27}  "
+             f"other  {'forced bare':>17}  {'forced worked':>17}  worked - bare [95%]"]
     for kind, r in table.items():
-        cells = [f"{r[f]['n']:>4}, {r[f]['accuracy']:.2f} [{r[f]['interval'][0]:.2f}, {r[f]['interval'][1]:.2f}]"
-                 for f in ("bare", "worked")]
-        lines.append(f"{kind:>6} {r['n']:>4}  {cells[0]:>28}  {cells[1]:>28}  {r['other']['n']}")
+        c, f = r["chosen"], r["forced"]
+        cells = [f"{c[x]['n']:>4}, {c[x]['accuracy']:.2f} [{c[x]['interval'][0]:.2f}, {c[x]['interval'][1]:.2f}]"
+                 for x in ("bare", "worked")]
+        cells += [f"{f[x]['accuracy']:.2f} [{f[x]['interval'][0]:.2f}, {f[x]['interval'][1]:.2f}]"
+                  for x in ("bare", "worked")]
+        d = f["worked_minus_bare"]
+        lines.append(f"{kind:>6} {r['n']:>4}  {cells[0]:>27}  {cells[1]:>27}  {c['other']['n']:>5}  {cells[2]:>17}  "
+                     f"{cells[3]:>17}  {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]")
     return "\n".join(lines)
 
 

@@ -359,23 +359,105 @@ def test_problem_windows_hold_one_whole_problem_each():
 
 def test_headroom_reads_the_format_and_the_answer(monkeypatch):
     """A fake model answers add problems bare and right, sub problems worked and wrong by one, mul problems in
-    neither format, multi problems bare and wrong: the table counts exactly that."""
+    neither format, multi problems bare and wrong: the chosen-format table counts exactly that. Held to a format,
+    it answers add bare only, sub worked only, mul worked only (bare never ends), multi both: worked - bare is
+    -1, +1, +1 and 0 with no spread (every problem agrees)."""
     from data import worked_steps
 
-    def fake_decode(model, tokenizer, prompt, max_new_tokens, stop=()):
+    def answer_of(prompt):
         steps = worked_steps(prompt)
-        answer = int(steps.rstrip(".").split("=")[-1])
+        return int(steps.rstrip(".").split("=")[-1]), steps, next(c for c in steps if c in "+-*")
+
+    def fake_decode(model, tokenizer, prompt, max_new_tokens, stop=()):
+        answer, steps, op = answer_of(prompt)
         text = {"+": f" {answer}.\n", "-": f" {steps} The answer is {answer + 1}.\n", "*": " I do not know.\n"}
-        op = next(c for c in steps if c in "+-*")                         # the first step's operation
         return type("G", (), {"text": f" {answer - 1}.\n" if steps.count("=") == 3 else text[op]})()
+
+    def fake_greedy(model, tokenizer, prompt, form, max_new_tokens):
+        answer, steps, op = answer_of(prompt)
+        kind = "multi" if steps.count("=") == 3 else {"+": "add", "-": "sub", "*": "mul"}[op]
+        right = {"add": "bare", "sub": "worked", "mul": "worked", "multi": form}[kind] == form
+        if form == "bare":
+            return f"{answer if right else answer + 1}." if kind != "mul" else "4" * max_new_tokens
+        return f"{steps} The answer is {answer if right else answer - 1}."
     monkeypatch.setattr(content, "decode", fake_decode)
+    monkeypatch.setattr(content, "greedy_in_format", fake_greedy)
     table = content.headroom(None, None, n_per_kind=5)
-    assert table["add"]["bare"]["n"] == 5 and table["add"]["bare"]["accuracy"] == 1.0
-    assert table["sub"]["worked"]["n"] == 5 and table["sub"]["worked"]["correct"] == 0
-    assert table["mul"]["other"]["n"] == 5
-    assert table["multi"]["bare"]["n"] == 5 and table["multi"]["bare"]["correct"] == 0
+    chosen = {kind: table[kind]["chosen"] for kind in table}
+    assert chosen["add"]["bare"]["n"] == 5 and chosen["add"]["bare"]["accuracy"] == 1.0
+    assert chosen["sub"]["worked"]["n"] == 5 and chosen["sub"]["worked"]["correct"] == 0
+    assert chosen["mul"]["other"]["n"] == 5
+    assert chosen["multi"]["bare"]["n"] == 5 and chosen["multi"]["bare"]["correct"] == 0
+    forced = {kind: table[kind]["forced"] for kind in table}
+    assert [(forced[k]["bare"]["correct"], forced[k]["worked"]["correct"]) for k in ("add", "sub", "mul", "multi")] \
+        == [(5, 0), (0, 5), (0, 5), (5, 5)]
+    assert [forced[k]["worked_minus_bare"] for k in ("add", "sub", "mul", "multi")] == \
+        [(-1.0, -1.0, -1.0), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)]
     assert content.read_answer(" 4*6=24. 23+24=47. The answer is 47.\n") == ("worked", 47)
     assert content.read_answer(" 47.\nQ:") == ("bare", 47)
+    assert "worked - bare" in content.format_headroom(table)
+
+
+class CharTokenizer:
+    """One token per character; the last id is EOS."""
+
+    def __init__(self, chars: str):
+        self.chars = chars
+
+    def encode(self, text):
+        return type("E", (), {"ids": [self.chars.index(c) for c in text]})()
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids if i < len(self.chars))
+
+    def token_to_id(self, c):
+        return self.chars.index(c) if c in self.chars else None
+
+
+class ScriptedModel:
+    """A fake decoder whose next-token preference depends only on the text written after the prompt:
+    prefs[text] lists characters, the most likely first ("$" for EOS); the cache is the token list."""
+
+    def __init__(self, tokenizer, prompt, prefs):
+        self.tok, self.start, self.prefs = tokenizer, len(prompt), prefs
+        self.config = type("C", (), {"eos_ids": [len(tokenizer.chars)]})()
+
+    def new_cache(self):
+        self.cache = []
+        return self.cache
+
+    def embed(self, ids):
+        return ids
+
+    def hidden(self, ids, cache):
+        cache.extend(ids[0].tolist())
+        return torch.zeros(1, ids.shape[1], 1)
+
+    def lm_head(self, h):
+        logits = torch.full((1, 1, len(self.tok.chars) + 1), -1e9)
+        for rank, c in enumerate(self.prefs.get(self.tok.decode(self.cache[self.start:]), "$")):
+            logits[0, 0, len(self.tok.chars) if c == "$" else self.tok.chars.index(c)] = 10.0 - rank
+        return logits
+
+
+def test_greedy_in_format_holds_the_format_until_it_is_fixed():
+    """A scripted model that would write "T" first (not a digit) and then "47." (bare): held bare, it writes "47."
+    ("T" is not allowed); held worked, "." is not allowed before the first "=", so it takes its second choice "*"
+    and, once "47*2=" is written, continues freely: "47*2=94. The answer is 94." up to the next question. EOS
+    ends a free continuation; a held one never (it is not allowed) and stops at max_new_tokens."""
+    tok = CharTokenizer("0123456789.+-*=\nQA:? Thanswrie")
+    prompt = "Q: 23+24?\nA: "
+    worked = "47*2=94. The answer is 94.\nQ:"
+    prefs = {worked[:i]: worked[i] for i in range(len(worked))} | {"": "T4", "47": ".*"}
+    model = ScriptedModel(tok, prompt, prefs)
+    assert content.greedy_in_format(model, tok, prompt, "bare") == "47."
+    assert content.greedy_in_format(model, tok, prompt, "worked") == "47*2=94. The answer is 94."
+    model.prefs = {"": "4", "4": "=", "4=": "$4"}                      # free after "=": EOS ends it
+    assert content.greedy_in_format(model, tok, prompt, "worked") == "4="
+    model.prefs = {"": "4", "4": "$7", "47": "$7"}                     # held bare: no EOS, the best allowed is "7"
+    assert content.greedy_in_format(model, tok, prompt, "bare", max_new_tokens=3) == "477"
+    with pytest.raises(ValueError, match="no single token"):
+        content.greedy_in_format(model, CharTokenizer("0123456789"), prompt, "bare")
 
 
 def test_the_mixing_head_learns_from_the_models_own_thoughts_only():
