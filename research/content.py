@@ -120,8 +120,8 @@ def thought_rewards_at(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.T
     if thought_ids is not None and thought_ids.dim() == 4:
         rewards = {k: v.view(B, sets, T) for k, v in rewards.items()}
     where = F.pad(ok, (0, 1))
-    if getattr(qs.config, "think_fraction", None) is not None:
-        where &= torch.zeros_like(where).scatter(1, chosen_positions(qs, h_base), True)
+    if getattr(qs.config, "think_rule", "all") in ("entropy", "random"):          # answers: every position, as
+        where &= torch.zeros_like(where).scatter(1, chosen_positions(qs, h_base), True)   # answers+random:Q
     return rewards, ids, where
 
 
