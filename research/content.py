@@ -97,9 +97,16 @@ def score_focus(qs: QuietStar, windows: torch.Tensor, focus: torch.Tensor, fille
         "thought_ids": spread(ids, filler_id), "donor_ids": spread(given["shuffled"], filler_id)}
 
 
-def chosen_positions(qs: QuietStar, h_base: torch.Tensor) -> torch.Tensor:
+def thinks_at_chosen_positions(qs: QuietStar) -> bool:
+    """think_at entropy:Q or random:Q: positions chosen per window from the model or at random."""
+    return getattr(qs.config, "think_rule", "all") in ("entropy", "random")
+
+
+def chosen_positions(qs: QuietStar, h_base: torch.Tensor) -> torch.Tensor | None:
     """Where training would think in these windows (think_at entropy:Q or random:Q): h_base (B, T, D) -> positions
-    (B, K)."""
+    (B, K); None for the other rules (all, and answers or answers+random:Q, whose answers are not known here)."""
+    if not thinks_at_chosen_positions(qs):
+        return None
     ok = torch.ones(h_base.shape[0], h_base.shape[1] - 1, dtype=torch.bool, device=h_base.device)
     logits = qs.model.lm_head(h_base[:, :-1]) if qs.config.think_rule == "entropy" else None
     return select_positions(logits, ok, qs.config.think_fraction, qs.config.think_rule)
@@ -120,8 +127,9 @@ def thought_rewards_at(qs: QuietStar, tokens: torch.Tensor, thought_ids: torch.T
     if thought_ids is not None and thought_ids.dim() == 4:
         rewards = {k: v.view(B, sets, T) for k, v in rewards.items()}
     where = F.pad(ok, (0, 1))
-    if getattr(qs.config, "think_rule", "all") in ("entropy", "random"):          # answers: every position, as
-        where &= torch.zeros_like(where).scatter(1, chosen_positions(qs, h_base), True)   # answers+random:Q
+    chosen = chosen_positions(qs, h_base)                                      # None: every position
+    if chosen is not None:
+        where &= torch.zeros_like(where).scatter(1, chosen, True)
     return rewards, ids, where
 
 
@@ -146,9 +154,11 @@ def content_reward(qs: QuietStar, windows: torch.Tensor, filler_id: int, batch_s
 
 
 @torch.no_grad()
-def answers_selected(qs: QuietStar, windows: torch.Tensor, focus: torch.Tensor, batch_size: int = 16) -> float:
+def answers_selected(qs: QuietStar, windows: torch.Tensor, focus: torch.Tensor, batch_size: int = 16) -> float | None:
     """The fraction of bare answers whose first digit training would think before (think_at entropy:Q or random:Q): if it is
-    low, the policy never practises where the oracle says a thought could help."""
+    low, the policy never practises where the oracle says a thought could help. None for the other rules."""
+    if not thinks_at_chosen_positions(qs):
+        return None
     first = focus.int().argmax(dim=1)                                            # (W,)
     chosen = []
     for i in range(0, len(windows), batch_size):
@@ -197,9 +207,8 @@ def answer_comparison(qs: QuietStar, tokenizer, windows: torch.Tensor, focus: to
               "mixed_first_digit": compare_thoughts(scores, first, focus_only=True),
               "post_first_digit": compare_thoughts(post, first, focus_only=True),
               "answer_thoughts": answer_thoughts(tokenizer, windows.cpu(), targets, scores)}
-    if getattr(qs.config, "think_fraction", None) is not None:
-        result["answers_selected"] = answers_selected(qs, windows, targets.to(windows.device))
-    return result
+    selected = answers_selected(qs, windows, targets.to(windows.device))
+    return result if selected is None else result | {"answers_selected": selected}
 
 
 def answer_row(qs: QuietStar, tokenizer, windows: torch.Tensor, focus: torch.Tensor, filler_id: int) -> dict:

@@ -505,10 +505,15 @@ def test_fully_forced_steps_train_the_mixing_head_only_if_it_learns_from_forced_
 def test_the_content_reward_scores_where_training_thinks(think_at):
     """The content reward's positions: every position with a next token under all and the answers rules (where the
     answers are is not known there, so answers+random:Q is scored like answers), ceil(Q * (T-1)) per window under
-    entropy:Q and random:Q (select_positions' count)."""
+    entropy:Q and random:Q (select_positions' count). How often those include an answer's first digit exists only
+    for entropy and random."""
     qs = make_qstar(None, False, think_at=think_at).eval()
     tokens = torch.randint(0, V, (B, T))
     _, _, where = content.thought_rewards_at(qs, tokens)
     q = {"entropy:0.25": 0.25, "random:0.25": 0.25}.get(think_at)
     expected = [math.ceil(q * (T - 1))] * B if q else [T - 1] * B
     assert where.sum(dim=1).tolist() == expected and not where[:, -1].any()
+    focus = torch.zeros(B, T - 1, dtype=torch.bool)
+    focus[:, 4] = True
+    selected = content.answers_selected(qs, tokens, focus)                      # the held-out answers' statistic
+    assert (selected is None) == (q is None) and (q is None or 0 <= selected <= 1)
