@@ -2,7 +2,8 @@
 
     python -m machinery.content_table out-1337 out-1 out-2 --out results/content_seeds.json --svg accuracy.svg
 
-Each run folder holds metrics.jsonl (train.py) and heldout.json, written by
+Each run folder holds metrics.jsonl (train.py; --metrics reads it from elsewhere, such as the JSON lists committed
+in results/, so that a table is rebuilt without the run folders) and heldout.json, written by
     python -m research.content --model <run> --limit 400 --seq_len 64 --out <run>/heldout.json
 (built-in problems from a seed no training run uses: eval.HELDOUT_SEED; runs measured before research/content.py
 existed hold the same measures under "answers", written by eval.py's nll task). The start: the same command on the
@@ -61,10 +62,20 @@ def run_settings(run: Path) -> dict | None:
     return {key: config.get(key) for key in SETTINGS}
 
 
-def seed_row(run: Path, start: dict | None, held: dict, versus: dict | None = None) -> dict:
+def read_metrics(path: Path) -> list[dict]:
+    """train.py's metrics.jsonl, or the same rows as one JSON list (results/*-metrics.json); [] if absent."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines()]
+
+
+def seed_row(run: Path, start: dict | None, held: dict, versus: dict | None = None,
+             rows: list[dict] | None = None) -> dict:
     """One run's row; start None (not measured): no accuracy change from the start, and "wins" is None. "meets":
-    sampled - none, - filler and - shuffled (mixed, every digit) all have 95% intervals below 0."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    sampled - none, - filler and - shuffled (mixed, every digit) all have 95% intervals below 0. rows: the run's
+    metrics (default: <run>/metrics.jsonl; none: the columns taken from training's log are n/a)."""
+    rows = read_metrics(run / "metrics.jsonl") if rows is None else rows
     focus = (held["answers"] if "answers" in held else held["mixed"])["focus"]
     post = held["post"]["focus"]["diff"] if "post" in held else None
     hits = held["answer_thoughts"]["sampled_hits"]
@@ -153,9 +164,9 @@ def markdown(table: list[dict]) -> str:
               "| thought writes the answer: start → end | end − start, points [95%] | − versus, points [95%] "
               "| mixing weight at answers, last step | three contrasts below 0 |", "|" + "---|" * 12]
     for r in table:
-        s = r.get("settings") or dict.fromkeys(SETTINGS)
+        s = {k: "n/a" if v is None else v for k, v in (r.get("settings") or dict.fromkeys(SETTINGS)).items()}
         start = f"{100 * r['thought_accuracy_start']:.1f}%" if r["thought_accuracy_start"] is not None else "n/a"
-        negative = {True: "clipped", False: "kept", None: "n/a"}[s["clip_negative_advantage"]]
+        negative = {True: "clipped", False: "kept", "n/a": "n/a"}[s["clip_negative_advantage"]]
         streams = f"{r['answer_streams_mean']:.2f}" if r.get("answer_streams_mean") is not None else "n/a"
         weight = f"{r['last_mix_weight_answers']:.3f}" if r.get("last_mix_weight_answers") is not None else "n/a"
         lines.append(f"| {Path(r['run']).name} | {s['seed']} | {s['think_at']} | {s['n_thoughts']} | {negative} | "
@@ -177,6 +188,8 @@ def main(argv=None) -> int:
                              "{run} is the run folder, {name} its name and {prefix} its name up to the last '-' "
                              "(default: %(default)s)")
     parser.add_argument("--heldout", default="{run}/heldout.json", help="the run's held-out JSON (default: %(default)s)")
+    parser.add_argument("--metrics", default="{run}/metrics.jsonl", help="the run's training log, JSON lines or one "
+                        "JSON list; absent: the columns taken from it are n/a (default: %(default)s)")
     parser.add_argument("--versus", default=None, help="another run's held-out JSON on the same answers (e.g. the "
                         "same recipe without REINFORCE): the paired difference in thought accuracy")
     parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
@@ -190,8 +203,8 @@ def main(argv=None) -> int:
         return None if not found or missing_ok and not found.exists() else json.loads(found.read_text())
     def versus(run: Path) -> dict | None:                               # never a run against itself
         return None if args.versus and path(args.versus, run) == path(args.heldout, run) else read(args.versus, run)
-    table = [seed_row(run, read(args.start, run, missing_ok=True), read(args.heldout, run), versus(run))
-             for run in args.runs]
+    table = [seed_row(run, read(args.start, run, missing_ok=True), read(args.heldout, run), versus(run),
+                      read_metrics(path(args.metrics, run))) for run in args.runs]
     print(f"{'run':28} {'n':>4} {'sampled-none':>26} {'sampled-filler':>26} {'sampled-shuffled':>26} "
           f"{'oracle-none':>26} {'accuracy end-start':>26} wins")
     for r in table:

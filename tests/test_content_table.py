@@ -124,5 +124,30 @@ def test_the_markdown_tables_show_each_runs_settings_contrasts_and_accuracy(tmp_
     (never / "metrics.jsonl").write_text(json.dumps({"step": 2, "phase": "think", "forced_streams": 0.0,
                                                      "answer_streams": 0.0, "mix_weight_answers": 0.0}) + "\n")
     assert main([str(never), "--markdown", str(tmp_path / "t.md")]) == 0
-    row = next(line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| s7-entropy | None"))
+    row = next(line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| s7-entropy | n/a"))
     assert [c.strip() for c in row.strip("|").split("|")][6:11:4] == ["0.00", "n/a"]
+
+
+def test_a_table_is_rebuilt_from_a_committed_metrics_list_without_the_run_folder(tmp_path):
+    diffs = dict.fromkeys(("sampled-none", "sampled-filler", "sampled-shuffled", "oracle-none"), [-0.2, -0.3, -0.1])
+    run = write_run(tmp_path / "s7-rl", diffs, [1, 0, 1, 0])
+    steps = [{"step": 4, "phase": "think", "forced_streams": 0.0, "answer_streams": 1.0, "mix_weight_answers": 0.25},
+             {"step": 5, "eval_thought_accuracy": [0.5, 0.0, 4]}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    assert main([str(run), "--out", str(tmp_path / "lines.json")]) == 0
+    committed = tmp_path / "results"
+    committed.mkdir()
+    (committed / "s7-rl.json").write_text((run / "heldout.json").read_text())
+    (committed / "s7-rl-metrics.json").write_text(json.dumps(steps))              # the same rows as one JSON list
+    gone = tmp_path / "gone" / "s7-rl"                                            # the run folder no longer exists
+    assert main([str(gone), "--heldout", str(committed / "{name}.json"), "--metrics",
+                 str(committed / "{name}-metrics.json"), "--out", str(tmp_path / "list.json")]) == 0
+    by_lines, by_list = (json.loads((tmp_path / f).read_text())["seeds"][0] for f in ("lines.json", "list.json"))
+    assert by_list["accuracy_over_steps"] == [[5, 0.5]] and by_list["last_mix_weight_answers"] == 0.25
+    assert {k: v for k, v in by_list.items() if k != "run"} == {k: v for k, v in by_lines.items() if k != "run"}
+    # a run whose training log is lost too: the held-out columns stay, the log's are n/a
+    assert main([str(gone), "--heldout", str(committed / "{name}.json"), "--metrics", str(tmp_path / "absent.json"),
+                 "--markdown", str(tmp_path / "t.md")]) == 0
+    row = next(line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| s7-rl | n/a |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[6] == "n/a" and cells[7] == "n/a → 50.0%" and cells[10] == "n/a"
