@@ -170,15 +170,17 @@ def answers_selected(qs: QuietStar, windows: torch.Tensor, focus: torch.Tensor, 
 def answer_thoughts(tokenizer, windows: torch.Tensor, focus: torch.Tensor, scores: dict, shown: int = 12) -> dict:
     """Read the thoughts sampled just before each answer's first digit (windows aligned on the answers): how often
     the thought writes the answer itself (the whole number), against the thought of another problem at the same
-    place (the shuffled control), and a few examples. focus (W, T-1) marks target positions."""
+    place (the shuffled control), and a few examples; every sampled thought too, in order, to read their form.
+    focus (W, T-1) marks target positions."""
     first = focus.int().argmax(dim=1)                                      # the position predicting digit 1
-    hits, examples, per_answer = {"sampled": 0, "shuffled": 0}, [], []
+    hits, examples, per_answer, thoughts = {"sampled": 0, "shuffled": 0}, [], [], []
     for n, i in enumerate(first.tolist()):
         answer = tokenizer.decode(windows[n, i + 1:i + 1 + int(focus[n].sum())].tolist())
         sampled = tokenizer.decode(scores["thought_ids"][n, i].tolist())
         donor = tokenizer.decode(scores["donor_ids"][n, i].tolist())
         whole = re.compile(rf"(?<!\d){re.escape(answer.strip())}(?!\d)")      # the number, not a digit of one
         per_answer.append(int(bool(whole.search(sampled))))
+        thoughts.append(sampled)
         hits["sampled"] += per_answer[-1]
         hits["shuffled"] += bool(whole.search(donor))
         if len(examples) < shown:
@@ -187,7 +189,7 @@ def answer_thoughts(tokenizer, windows: torch.Tensor, focus: torch.Tensor, score
     count = max(1, len(first))
     return {"n": len(first), "answer_in_sampled_thought": hits["sampled"] / count,
             "answer_in_shuffled_thought": hits["shuffled"] / count, "examples": examples,
-            "sampled_hits": per_answer}
+            "sampled_hits": per_answer, "thoughts": thoughts}
 
 
 def answer_comparison(qs: QuietStar, tokenizer, windows: torch.Tensor, focus: torch.Tensor, filler_id: int,

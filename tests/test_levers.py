@@ -517,3 +517,22 @@ def test_the_content_reward_scores_where_training_thinks(think_at):
     focus[:, 4] = True
     selected = content.answers_selected(qs, tokens, focus)                      # the held-out answers' statistic
     assert (selected is None) == (q is None) and (q is None or 0 <= selected <= 1)
+
+
+def test_thought_accuracy_counts_the_whole_answer_by_hand():
+    """A thought writes the answer when the whole number appears in it, not as a digit of a longer one."""
+    tok = CharTokenizer("0123456789=A:. ")
+    windows = torch.tensor([tok.encode("A: 15.").ids, tok.encode("A: 7..").ids])            # (W=2, T=6)
+    focus = torch.zeros(2, 5, dtype=torch.bool)                                              # targets: answer digits
+    focus[0, 2:4] = True                                                                     # "1", "5"
+    focus[1, 2] = True                                                                       # "7"
+    thought_ids = torch.full((2, 5, 4), tok.token_to_id("."))
+    donor_ids = thought_ids.clone()
+    thought_ids[0, 2], thought_ids[1, 2] = torch.tensor(tok.encode("=15.").ids), torch.tensor(tok.encode("=17.").ids)
+    donor_ids[0, 2], donor_ids[1, 2] = torch.tensor(tok.encode("150.").ids), torch.tensor(tok.encode(".7=.").ids)
+    got = content.answer_thoughts(tok, windows, focus, {"thought_ids": thought_ids, "donor_ids": donor_ids})
+    # window 0: "=15." writes 15 (hit), its donor "150." does not (15 inside 150); window 1: "=17." holds 7 only as
+    # a digit of 17 (miss), its donor ".7=." writes it (hit)
+    assert got["sampled_hits"] == [1, 0] and got["answer_in_sampled_thought"] == 0.5
+    assert got["answer_in_shuffled_thought"] == 0.5
+    assert got["thoughts"] == ["=15.", "=17."] and [e["answer"] for e in got["examples"]] == ["15", "7"]
