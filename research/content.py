@@ -359,12 +359,18 @@ def main(argv=None) -> int:
     parser.add_argument("--reward_windows", type=int, default=8, help="consecutive windows for the content reward "
                         "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="thought samples and held-out problems (default: 0)")
+    parser.add_argument("--thought_temperature", type=float, default=None, help="sample the thoughts at this "
+                        "temperature instead of the checkpoint's (the official code meant 0.001 at evaluation)")
     parser.add_argument("--out", type=Path, default=None, help="write the result here (JSON)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     started = time.time()
     try:
         qs, tokenizer = load_model(args)
+        if args.thought_temperature is not None:
+            if not args.thought_temperature > 0:
+                raise ValueError(f"--thought_temperature must be positive, got {args.thought_temperature}")
+            qs.config.thought_temperature = args.thought_temperature
         torch.manual_seed(args.seed)
         if args.headroom:
             result = {"headroom": headroom(qs.model, tokenizer, args.headroom, HELDOUT_SEED + args.seed)}
@@ -380,7 +386,7 @@ def main(argv=None) -> int:
                   f"{a['answer_in_shuffled_thought']:.3f}; n = {a['n']})")
     except (ValueError, OSError) as e:
         return fail(e)
-    result |= {"model": str(args.model), "seconds": round(time.time() - started, 1),
+    result |= {"model": str(args.model), "thought_temperature": qs.config.thought_temperature, "seconds": round(time.time() - started, 1),
                "command": "python -m research.content " + " ".join(argv)}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

@@ -356,3 +356,27 @@ def test_oracle_thought_is_the_last_worked_step_before_each_answer_digit():
     assert short[0, digits[0] - 1].tolist() == step[-3:]
     cut, found = content.oracle_thoughts(tokenizer, windows[:, -6:], focus[:, -5:], 4, filler)   # question cut off
     assert found.tolist() == [False] and (cut == filler).all()
+
+
+def test_held_out_thoughts_at_a_temperature_near_zero_are_the_greedy_ones(tiny_qstar, tmp_path, monkeypatch, capsys):
+    """--thought_temperature replaces the checkpoint's for the evaluation: near 0 every thought token is the arg
+    max, so two different sampling seeds write the same thoughts (at temperature 1 they differ)."""
+    _, tokenizer = tiny_qstar
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size(), window=None, std=0.1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000)          # logit gaps ~0.1 (not ~1e-4): 0.001 makes the arg max certain
+    qs = QuietStar(model, QuietStarConfig(thought_len=2), tokenizer).eval()
+    monkeypatch.setattr(hf_io, "load_quietstar", lambda path, **kw: (qs, tokenizer))
+    monkeypatch.setattr(hf_io.fast, "use", lambda qs: qs)
+    texts = content.arithmetic_texts(12, seed=3, bare_fraction=1.0)
+
+    def thoughts(seed):
+        torch.manual_seed(seed)
+        return content.heldout_answers(qs.eval(), tokenizer, texts, 32, reward_windows=1)["answer_thoughts"]["thoughts"]
+    assert thoughts(0) != thoughts(1)
+    out = tmp_path / "result.json"
+    assert content.main(["--limit=12", f"--out={out}", "--seq_len=32", "--thought_temperature=0.001"]) == 0
+    assert json.loads(out.read_text())["thought_temperature"] == 0.001 and qs.config.thought_temperature == 0.001
+    assert thoughts(0) == thoughts(1)
+    assert content.main(["--limit=12", "--thought_temperature=0"]) == 2
+    assert "--thought_temperature must be positive" in capsys.readouterr().err
