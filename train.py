@@ -267,7 +267,7 @@ def step_inputs(run: Run, batch: dict, thinking: bool) -> dict:
         if run.qs.forced_fraction > 0:
             inputs["oracle"] = oracle_thoughts(run.tokenizer, torch.from_numpy(batch["tokens"]),
                                                torch.from_numpy(focus[:, 1:]), run.qs.config.thought_len,
-                                               run.filler_id)[0].to(run.device)
+                                               run.filler_id, run.qs.config.oracle_padding)[0].to(run.device)
     return inputs
 
 

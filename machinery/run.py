@@ -62,14 +62,15 @@ def parse_args(argv: list[str], train_config, presets: dict, fixed_on_resume: tu
         out_dir = Path(given.get("out_dir", train_config.out_dir))
         saved = read_train_config(out_dir)
         saved = saved["train"] | renamed_settings(saved["qstar"], old_run=True)
-        differ = {k: (saved.get(k), v) for k, v in given.items() if k in saved and saved[k] != v}
+        differ = {k: (saved.get(k, "(not saved: a newer setting)"), v) for k, v in given.items()
+                  if k != "resume" and (k not in saved or saved[k] != v)}
         still_plain = checkpoint_step(out_dir) <= saved.get("plain_steps", 0)
         fixed = [f"--{k} {old!r} -> {new!r}" for k, (old, new) in differ.items()
-                 if k in fixed_on_resume and not (still_plain and k in free_in_plain_phase)]
+                 if k in saved and k in fixed_on_resume and not (still_plain and k in free_in_plain_phase)]
         if fixed:
             raise UsageError(f"--resume cannot change {', '.join(fixed)}: they define the model or the thought "
                              "shape; start a new --out_dir instead")
-        changed = [f"--{k} {old} -> {new}" for k, (old, new) in differ.items() if k not in ("resume",)]
+        changed = [f"--{k} {old} -> {new}" for k, (old, new) in differ.items()]
         values = saved | given
     try:
         return (train_config(**{k: v for k, v in values.items() if k in train_keys}),

@@ -30,10 +30,11 @@ from generate import decode, scores_at
 from qstar import QuietStar
 from research.levers import select_positions
 
-def oracle_thoughts(tokenizer, windows: torch.Tensor, focus: torch.Tensor, length: int, filler_id: int):
+def oracle_thoughts(tokenizer, windows: torch.Tensor, focus: torch.Tensor, length: int, filler_id: int,
+                    padding: str = "front"):
     """The oracle thought before each bare answer: at every position whose next token is an answer digit (focus
     (W, T-1)), the last worked step of that answer's question (data.worked_steps), its last `length` tokens,
-    filler-padded in front; filler elsewhere. -> ids (W, T, length), found (W,) bool: the window has an answer
+    filler-padded in front ("...23+19=42.") or at the end ("23+19=42...."); filler elsewhere. -> ids (W, T, length), found (W,) bool: the window has an answer
     and each of its answers has its question whole in the window."""
     ids = torch.full((*windows.shape, length), filler_id, dtype=torch.long)
     found = torch.zeros(len(windows), dtype=torch.bool)
@@ -52,7 +53,8 @@ def oracle_thoughts(tokenizer, windows: torch.Tensor, focus: torch.Tensor, lengt
                 found[w] = False
                 continue
             step = tokenizer.encode(steps.split(" ")[-1], add_special_tokens=False).ids[-length:]
-            ids[w, positions] = torch.tensor([filler_id] * (length - len(step)) + step)
+            pad = [filler_id] * (length - len(step))
+            ids[w, positions] = torch.tensor(pad + step if padding == "front" else step + pad)
     return ids.to(windows.device), found
 
 
@@ -199,7 +201,8 @@ def answer_comparison(qs: QuietStar, tokenizer, windows: torch.Tensor, focus: to
     thought writes the answer; "answers_selected": where training thinks at chosen positions, how often those
     include the answer's first digit."""
     targets = focus[:, 1:].cpu()
-    oracle, found = oracle_thoughts(tokenizer, windows.cpu(), targets, qs.config.thought_len, filler_id)
+    oracle, found = oracle_thoughts(tokenizer, windows.cpu(), targets, qs.config.thought_len, filler_id,
+                                    getattr(qs.config, "oracle_padding", "front"))      # as the warm start forced it
     scores = score_focus(qs, windows, targets.to(windows.device), filler_id, batch_size, oracle)   # a few streams each
     post = {p: scores[f"post_{p}"] for p in ("sampled", "filler", "shuffled", "oracle")} | {"none": scores["none"]}
     counted = targets & found[:, None]

@@ -41,6 +41,7 @@ class LeverConfig(QuietStarConfig):
     mixing_floor: float = 0.0          # bounded_mixing: the weight never falls below this (no absorbing collapse)
     forced_nll_weight: float = 1.0     # weight of the forced (worked-step) thoughts' NLL in the warm start
     mixing_from_forced: bool = True    # False: no gradient from forced thoughts to the mixing head (its own only)
+    oracle_padding: str = "front"      # the worked step's filler: front ("...23+19=42.") or end ("23+19=42....")
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,6 +53,8 @@ class LeverConfig(QuietStarConfig):
         for name in ("post_nll_weight", "forced_nll_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        if self.oracle_padding not in ("front", "end"):
+            raise ValueError(f"--oracle_padding must be front or end, got {self.oracle_padding!r}")
         if not 0 <= self.mixing_floor < 1:
             raise ValueError(f"--mixing_floor must be in [0, 1), got {self.mixing_floor}")
         _ = self.think_fraction                    # raises on a malformed think_at

@@ -352,6 +352,8 @@ def test_oracle_thought_is_the_last_worked_step_before_each_answer_digit():
     for i in range(len(ids)):
         expected = [filler, filler] + step if i < len(ids) - 1 and focus[0, i] else [filler] * (len(step) + 2)
         assert oracle[0, i].tolist() == expected, i
+    at_end, _ = content.oracle_thoughts(tokenizer, windows, focus, len(step) + 2, filler, padding="end")
+    assert at_end[0, digits[0] - 1].tolist() == step + [filler, filler]       # the step first, the filler after it
     short, _ = content.oracle_thoughts(tokenizer, windows, focus, 3, filler)   # too long: its last tokens, the answer
     assert short[0, digits[0] - 1].tolist() == step[-3:]
     cut, found = content.oracle_thoughts(tokenizer, windows[:, -6:], focus[:, -5:], 4, filler)   # question cut off

@@ -536,3 +536,32 @@ def test_thought_accuracy_counts_the_whole_answer_by_hand():
     assert got["sampled_hits"] == [1, 0] and got["answer_in_sampled_thought"] == 0.5
     assert got["answer_in_shuffled_thought"] == 0.5
     assert got["thoughts"] == ["=15.", "=17."] and [e["answer"] for e in got["examples"]] == ["15", "7"]
+
+
+@pytest.mark.parametrize("padding", ["front", "end"])
+def test_the_warm_start_forces_the_worked_step_padded_as_the_run_chose(padding):
+    """train.step_inputs hands the forced thoughts to the model in the run's --oracle_padding: the worked step with
+    the filler in front of it or after it."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from data import filler_token_id
+    from machinery.hf_io import load_pretrained
+    _, tok = load_pretrained("smollm2-135m")
+    text = "Q: Ben has 46 books, buys 4 bags with 8 books each, then gives away 22. How many books does Ben have now?\nA: 56.\n"
+    enc = tok.encode(text)
+    digits = [j for j, (a, b) in enumerate(enc.offsets) if a > len(text) - 6 and text[a:b].strip().isdigit()]
+    focus = np.zeros((1, len(enc.ids)), dtype=bool)
+    focus[0, digits] = True                                                        # the answer's digit tokens
+    cfg = LeverConfig(thought_len=12, oracle_padding=padding, think_at="answers")
+    qs = Levers(tiny_model(tok.get_vocab_size(), window=None), cfg, tok)
+    qs.forced_fraction = 1.0
+    filler = filler_token_id(tok)
+    run = SimpleNamespace(qs=qs, device="cpu", tokenizer=tok, filler_id=filler)
+    inputs = train.step_inputs(run, {"tokens": np.array([enc.ids]), "focus": focus}, thinking=True)
+    step = tok.encode("78-22=56.", add_special_tokens=False).ids                  # 46 + 4*8 = 78, 78 - 22 = 56
+    pad = [filler] * (12 - len(step))
+    assert inputs["oracle"][0, digits[0] - 1].tolist() == (pad + step if padding == "front" else step + pad)
+    with pytest.raises(ValueError, match="--oracle_padding must be front or end"):
+        LeverConfig(oracle_padding="back")

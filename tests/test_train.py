@@ -162,6 +162,23 @@ def test_changed_learning_rates_take_effect_on_resume(tiny_dir, tmp_path, capsys
     assert read_metrics(tmp_path)[-1]["lr"] == 0.25
 
 
+def test_a_setting_newer_than_the_saved_run_is_listed_and_takes_effect_on_resume(tiny_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """A run saved before a setting existed has no value for it: typed on resume, it is listed among the changed
+    settings (not silently applied) and used."""
+    assert train.main(args(tiny_dir, tmp_path, max_steps=1)) == 0
+    read = machinery_run.read_train_config
+
+    def older(out_dir):                                  # the saved run as an older version wrote it
+        saved = read(out_dir)
+        del saved["train"]["weight_decay"]
+        return saved
+    monkeypatch.setattr(machinery_run, "read_train_config", older)
+    assert train.main([f"--out_dir={tmp_path}", "--max_steps=2", "--resume", "--weight_decay=0.5"]) == 0
+    assert "--weight_decay (not saved: a newer setting) -> 0.5" in capsys.readouterr().out
+    assert json.loads((latest(tmp_path) / "train_config.json").read_text())["train"]["weight_decay"] == 0.5
+
+
 def test_a_plain_phase_checkpoint_can_start_another_thinking_recipe(tiny_dir, tmp_path, capsys):
     """No thinking step has trained the markers or the mixing head yet, so the thought's shape and the head's
     squashing may change on resume (several recipes share one plain phase); after a thinking step they may not."""
