@@ -94,6 +94,9 @@ def seed_row(run: Path, start: dict | None, held: dict, versus: dict | None = No
     first = {name: held[f"{name}_first_digit"]["focus"]["diff"] for name in ("mixed", "post")
              if f"{name}_first_digit" in held}
     evals = [r for r in rows if "eval_thought_accuracy" in r]
+    thoughts = held["answer_thoughts"].get("thoughts")                # every thought, in newer files only
+    form = {"start_with_dots": float(np.mean([t.startswith("..") for t in thoughts])),      # filler before the step
+            "end_at_equals": float(np.mean([t.rstrip().endswith("=") for t in thoughts]))} if thoughts else None
     agreement = [r["reward_agreement"] for r in thinking if "reward_agreement" in r]
     return {"run": str(run), "answers": focus["n_windows"], "answer_tokens": focus["n_tokens"], "nll": focus["nll"],
             "diff": diffs, "post_diff": post, "first_digit_diff": first or None,
@@ -111,7 +114,7 @@ def seed_row(run: Path, start: dict | None, held: dict, versus: dict | None = No
             "answer_streams_mean": float(np.mean(answer_streams)) if answer_streams else None,
             "settings": run_settings(run), "predictors": predictors(held),
             "start_predictors": (predictors(start) or None) if start else None,
-            "examples": [(e["thought"], e["answer"]) for e in held["answer_thoughts"].get("examples", [])[:8]],
+            "thought_form": form, "examples": [(e["thought"], e["answer"]) for e in held["answer_thoughts"].get("examples", [])[:8]],
             "thought_accuracy_minus_versus": paired_rate_difference(hits, versus["answer_thoughts"]["sampled_hits"])
             if versus else None}
 

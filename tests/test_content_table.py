@@ -151,3 +151,13 @@ def test_a_table_is_rebuilt_from_a_committed_metrics_list_without_the_run_folder
     row = next(line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| s7-rl | n/a |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[6] == "n/a" and cells[7] == "n/a → 50.0%" and cells[10] == "n/a"
+
+
+def test_the_thoughts_form_is_read_when_every_thought_is_kept(tmp_path):
+    diffs = dict.fromkeys(("sampled-none", "sampled-filler", "sampled-shuffled", "oracle-none"), [-0.2, -0.3, -0.1])
+    folder = write_run(tmp_path / "a", diffs, [0, 1, 0, 0])
+    held = json.loads((folder / "heldout.json").read_text())
+    assert seed_row(folder, None, held)["thought_form"] is None                   # an older file: no thoughts
+    held["answer_thoughts"]["thoughts"] = ["...77-38=", "3*5=15. Th", ".6*6=36.", "....13-9=4"]
+    # two of four start with two dots or more (".6*6" has one), one of four stops at "=" before its result
+    assert seed_row(folder, None, held)["thought_form"] == {"start_with_dots": 0.5, "end_at_equals": 0.25}
