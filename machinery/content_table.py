@@ -114,7 +114,8 @@ def seed_row(run: Path, start: dict | None, held: dict, versus: dict | None = No
             "answer_streams_mean": float(np.mean(answer_streams)) if answer_streams else None,
             "settings": run_settings(run), "predictors": predictors(held),
             "start_predictors": (predictors(start) or None) if start else None,
-            "thought_form": form, "examples": [(e["thought"], e["answer"]) for e in held["answer_thoughts"].get("examples", [])[:8]],
+            "thought_form": form,
+            "examples": [(e["thought"], e["answer"]) for e in held["answer_thoughts"].get("examples", [])[:8]],
             "thought_accuracy_minus_versus": paired_rate_difference(hits, versus["answer_thoughts"]["sampled_hits"])
             if versus else None}
 

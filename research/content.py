@@ -14,6 +14,7 @@ intervals over windows.
 """
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -34,8 +35,8 @@ def oracle_thoughts(tokenizer, windows: torch.Tensor, focus: torch.Tensor, lengt
                     padding: str = "front"):
     """The oracle thought before each bare answer: at every position whose next token is an answer digit (focus
     (W, T-1)), the last worked step of that answer's question (data.worked_steps), its last `length` tokens,
-    filler-padded in front ("...23+19=42.") or at the end ("23+19=42...."); filler elsewhere. -> ids (W, T, length), found (W,) bool: the window has an answer
-    and each of its answers has its question whole in the window."""
+    filler-padded in front ("...23+19=42.") or at the end ("23+19=42...."); filler elsewhere. -> ids (W, T, length),
+    found (W,) bool: the window has an answer and each of its answers has its question whole in the window."""
     ids = torch.full((*windows.shape, length), filler_id, dtype=torch.long)
     found = torch.zeros(len(windows), dtype=torch.bool)
     for w in range(len(windows)):
@@ -370,10 +371,8 @@ def main(argv=None) -> int:
     started = time.time()
     try:
         qs, tokenizer = load_model(args)
-        if args.thought_temperature is not None:
-            if not args.thought_temperature > 0:
-                raise ValueError(f"--thought_temperature must be positive, got {args.thought_temperature}")
-            qs.config.thought_temperature = args.thought_temperature
+        if args.thought_temperature is not None:                      # the config's own check refuses <= 0
+            qs.config = dataclasses.replace(qs.config, thought_temperature=args.thought_temperature)
         torch.manual_seed(args.seed)
         if args.headroom:
             result = {"headroom": headroom(qs.model, tokenizer, args.headroom, HELDOUT_SEED + args.seed)}
@@ -389,8 +388,8 @@ def main(argv=None) -> int:
                   f"{a['answer_in_shuffled_thought']:.3f}; n = {a['n']})")
     except (ValueError, OSError) as e:
         return fail(e)
-    result |= {"model": str(args.model), "thought_temperature": qs.config.thought_temperature, "seconds": round(time.time() - started, 1),
-               "command": "python -m research.content " + " ".join(argv)}
+    result |= {"model": str(args.model), "thought_temperature": qs.config.thought_temperature,
+               "seconds": round(time.time() - started, 1), "command": "python -m research.content " + " ".join(argv)}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")

@@ -549,7 +549,8 @@ def test_the_warm_start_forces_the_worked_step_padded_as_the_run_chose(padding):
     from data import filler_token_id
     from machinery.hf_io import load_pretrained
     _, tok = load_pretrained("smollm2-135m")
-    text = "Q: Ben has 46 books, buys 4 bags with 8 books each, then gives away 22. How many books does Ben have now?\nA: 56.\n"
+    text = ("Q: Ben has 46 books, buys 4 bags with 8 books each, then gives away 22. How many books does Ben have "
+            "now?\nA: 56.\n")
     enc = tok.encode(text)
     digits = [j for j, (a, b) in enumerate(enc.offsets) if a > len(text) - 6 and text[a:b].strip().isdigit()]
     focus = np.zeros((1, len(enc.ids)), dtype=bool)
