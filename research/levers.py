@@ -12,6 +12,9 @@
     a warm start       forced_fraction (set each step by train.py's schedule): at answer positions each thought is,
                        with this probability, teacher-forced to the problem's worked step (the oracle thought) and
                        learnt by its NLL (forced_nll_weight); REINFORCE sees only the model's own samples
+    answers' NLL       base_learns_answers False: the bare answers' digits are out of the base NLL and the mixed
+                       prediction's base state is detached there, so only a thought can lower their NLL (the trunk
+                       still learns them through the post-thought pass)
 
 Levers(model, LeverConfig(...), tokenizer) is a QuietStar whose forward uses them; build() returns the plain
 QuietStar when none is on, so the default run is the paper's path. "answers" needs, per window, where the bare
@@ -42,6 +45,7 @@ class LeverConfig(QuietStarConfig):
     forced_nll_weight: float = 1.0     # weight of the forced (worked-step) thoughts' NLL in the warm start
     mixing_from_forced: bool = True    # False: no gradient from forced thoughts to the mixing head (its own only)
     oracle_padding: str = "front"      # the worked step's filler: front ("...23+19=42.") or end ("23+19=42....")
+    base_learns_answers: bool = True   # False: the bare answers' digits train only the predictions after a thought
 
     def __post_init__(self):
         super().__post_init__()
@@ -193,9 +197,10 @@ def reward_sources(rewards: dict[str, Tensor], valid: Tensor, n_thoughts: int) -
 
 
 class Levers(QuietStar):
-    """QuietStar with the levers of LeverConfig. forward(tokens, loss_mask, think, answer_start, oracle):
-    answer_start (B, T) marks bare answers' first digits (think_at answers, the warm start, the logs at answers);
-    oracle (B, T, L): the worked-step thought of each position before an answer (forced with forced_fraction)."""
+    """QuietStar with the levers of LeverConfig. forward(tokens, loss_mask, think, answer_start, oracle,
+    answer_digits): answer_start (B, T) marks bare answers' first digits (think_at answers, the warm start, the logs
+    at answers); oracle (B, T, L): the worked-step thought of each position before an answer (forced with
+    forced_fraction); answer_digits (B, T): all their digits (base_learns_answers False)."""
 
     def __init__(self, model, config: LeverConfig, tokenizer=None):
         super().__init__(model, config, tokenizer)
@@ -244,7 +249,8 @@ class Levers(QuietStar):
                                   cfg.reinforce_temperature or cfg.thought_temperature, self.banned_thought_ids)
 
     def forward(self, tokens: Tensor, loss_mask: Tensor | None = None, think: bool = True,
-                answer_start: Tensor | None = None, oracle: Tensor | None = None) -> dict[str, Tensor]:
+                answer_start: Tensor | None = None, oracle: Tensor | None = None,
+                answer_digits: Tensor | None = None) -> dict[str, Tensor]:
         cfg, (B, T) = self.config, tokens.shape
         M, L = cfg.n_thoughts, cfg.thought_len
         target_ok = (loss_mask if loss_mask is not None else torch.ones_like(tokens, dtype=torch.bool))[:, 1:]
@@ -253,6 +259,13 @@ class Levers(QuietStar):
         nll_base = masked_mean(-logp_base, target_ok)
         if not think:
             return {"loss": nll_base, "nll_base": nll_base.detach()}
+        nll_base_learnt, h_talk = nll_base, h_base             # what the base NLL trains on; talk's base states
+        if not cfg.base_learns_answers:
+            if answer_digits is None:
+                raise ValueError("--no-base_learns_answers needs where the bare answers are (built-in arithmetic "
+                                 "with --bare_fraction > 0)")
+            nll_base_learnt = masked_mean(-logp_base, target_ok & ~answer_digits[:, 1:])
+            h_talk = h_base.detach()                   # the mixed prediction's base half: no gradient to the trunk
         at, real = self.where_to_think(h_base, target_ok, answer_start)
         positions = torch.arange(T, device=tokens.device).expand(B, T) if at is None else at       # (B, K)
         K = positions.shape[1]
@@ -268,7 +281,7 @@ class Levers(QuietStar):
             thought_ids = torch.where(forced[..., None], given, torch.full_like(given, -1))   # (B*M, K, L)
         self.head_ignores = None if cfg.mixing_from_forced or not forced.any() else forced
         try:
-            s = self.streams(tokens, target_ok, h_base, cache, logp_base, at, thought_ids)
+            s = self.streams(tokens, target_ok, h_talk, cache, logp_base, at, thought_ids)
         finally:
             self.head_ignores = None
         valid = s["valid"] & (True if real is None else real.repeat_interleave(M, dim=0))     # (B*M, K)
@@ -279,7 +292,7 @@ class Levers(QuietStar):
         reinforce = reinforce_loss(advantage, s["thought_logp"].view(B, M, K), sampled.view(B, M, K))
         nll_forced = masked_mean(-s["thought_logp"], forced & valid) / L            # per forced thought token
         policy_term = cfg.policy_weight * reinforce
-        loss = (cfg.base_loss_weight * nll_base + (1 - cfg.base_loss_weight) * s["nll_talk"] +
+        loss = (cfg.base_loss_weight * nll_base_learnt + (1 - cfg.base_loss_weight) * s["nll_talk"] +
                 cfg.post_nll_weight * s["nll_post"] + cfg.forced_nll_weight * nll_forced + policy_term)
         s["valid"] = valid
         w = s["talk"]["mix_weight"][:, 0]

@@ -566,3 +566,46 @@ def test_the_warm_start_forces_the_worked_step_padded_as_the_run_chose(padding):
     assert inputs["oracle"][0, digits[0] - 1].tolist() == (pad + step if padding == "front" else step + pad)
     with pytest.raises(ValueError, match="--oracle_padding must be front or end"):
         LeverConfig(oracle_padding="back")
+
+
+@pytest.mark.parametrize("base_learns", [True, False])
+def test_without_base_learning_the_answers_only_a_thought_lowers_their_nll(base_learns):
+    """base_learns_answers False: the base NLL is the mean over the targets that are not answer digits (by hand, from
+    the plain causal model's log-softmax), and the base states that predict an answer digit get no gradient at all
+    (their NLL is out of the base term and the mixed prediction's base half is detached); the other base states
+    and the thought's path still learn. With the lever off, those states get a gradient."""
+    qs = make_qstar(None, False, think_at="answers", policy_weight=0.0, post_nll_weight=0.0,
+                    base_learns_answers=base_learns)
+    tokens = torch.randint(0, V, (B, T))
+    digits = torch.zeros(B, T, dtype=torch.bool)
+    digits[0, 5:7], digits[1, 8:10] = True, True                      # two answers of two digits
+    start = digits & ~torch.nn.functional.pad(digits, (1, 0))[:, :-1]
+    seen = {}
+    base_pass = qs.base_pass
+
+    def keep_base(tokens_):
+        h, cache = base_pass(tokens_)
+        h.retain_grad()
+        seen["h"] = h
+        return h, cache
+    qs.base_pass = keep_base
+    out = qs(tokens, answer_start=start, answer_digits=digits)
+    out["loss"].backward()
+    grad_norm = seen["h"].grad.norm(dim=-1)                             # (B, T): position i predicts x_{i+1}
+    predicts_digit = digits[:, 1:]
+    assert (grad_norm[:, :-1][~predicts_digit] > 0).all()
+    assert (grad_norm[:, :-1][predicts_digit] > 0).all() == base_learns
+    if not base_learns:
+        assert (grad_norm[:, :-1][predicts_digit] == 0).all() and qs.markers.stored.grad.abs().max() > 0
+        logp = qs.model.lm_head(qs.model.hidden(qs.model.embed(tokens), torch.arange(T))).log_softmax(-1)
+        nll = -logp[:, :-1].gather(2, tokens[:, 1:, None])[..., 0]
+        by_hand = nll[~predicts_digit].mean()
+        assert out["loss"].item() == pytest.approx(0.5 * by_hand.item() + 0.5 * out["nll_talk"].item(), abs=1e-10)
+
+
+def test_without_base_learning_the_answers_needs_where_they_are():
+    qs = make_qstar(None, False, think_at="answers", base_learns_answers=False)
+    start = torch.zeros(B, T, dtype=torch.bool)
+    start[0, 5] = True
+    with pytest.raises(ValueError, match="needs where the bare answers are"):
+        qs(torch.randint(0, V, (B, T)), answer_start=start)
