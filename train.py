@@ -28,7 +28,7 @@ from data import ProblemWindows, TokenWindows, arithmetic_texts, bare_answer_spa
     read_texts
 from eval import evaluation_row
 from machinery import gpu, parallel
-from machinery.checkpoint import crash_point
+from machinery.checkpoint import crash_point, latest_checkpoint, verify_manifest
 from machinery.cli import UsageError, check, fail
 from machinery.hf_io import load_model_folder, load_pretrained, load_quietstar_parts
 from machinery.run import (MetricsLog, Run, StopRequest, describe, finish, format_eval, gradient_split, interrupted,
@@ -57,6 +57,7 @@ class TrainConfig:
     think_bare_fraction: float | None = None   # arithmetic: bare fraction in the thinking steps; None = bare_fraction
     forced_steps: int = 0           # warm start: the first thinking steps force the worked step at answer positions
     forced_decay: int = 0           # ... then the forced fraction falls linearly to 0 over this many steps
+    start_policy: str = ""          # --kl_to_start: the run whose latest checkpoint is the policy to stay near
     batch_size: int = 2             # windows of text per micro-batch
     grad_accum: int = 1             # micro-batches per optimizer step
     seq_len: int = 64               # tokens per window
@@ -223,6 +224,17 @@ def build_model(cfg: TrainConfig, qcfg: LeverConfig, device, use_bf16: bool, che
         load_quietstar_parts(qs, checkpoint)
     fast.use(qs, cfg.fast)                                # the fast twins (fast.py), or the plain path
     return qs.train(), tokenizer
+
+
+def start_policy(cfg: TrainConfig, qcfg: LeverConfig, device, use_bf16: bool) -> QuietStar:
+    """--kl_to_start's frozen reference: the policy of --start_policy's latest checkpoint (the plain phase's run
+    the thinking phase was copied from), loaded as the model is; resuming a thinking run needs nothing else."""
+    check(cfg.start_policy, "--kl_to_start needs --start_policy DIR: the run whose latest checkpoint holds the policy "
+          "the thinking phase starts from (e.g. the plain phase's run)")
+    folder = latest_checkpoint(Path(cfg.start_policy))
+    check(folder is not None and folder.is_dir(), f"--start_policy {cfg.start_policy} holds no checkpoint")
+    policy, _ = build_model(cfg, qcfg, device, use_bf16, verify_manifest(folder))
+    return policy.eval().requires_grad_(False)
 
 
 # ---- 4. optimizer --------------------------------------------------------------------------------------------
@@ -393,6 +405,8 @@ def train(cfg: TrainConfig, qcfg: LeverConfig, changed: list[str], ranks: parall
         check(not cfg.forced_steps or (isinstance(run.qs, Levers) and cfg.data == "arithmetic"),
               "--forced_steps forces the worked step before bare answers: it needs --data arithmetic and a lever of "
               "research/levers.py (e.g. --think_at answers)")
+        if qcfg.kl_to_start:
+            run.qs.set_start_policy(start_policy(cfg, qcfg, device, run.use_bf16))
         run.train_data, run.think_data, run.val = load_data(cfg, documents, run.tokenizer,
                                                             (run.qs.model.config.eos_ids or [None])[0])
         run.filler_id = filler_token_id(run.tokenizer)

@@ -12,6 +12,10 @@
     a warm start       forced_fraction (set each step by train.py's schedule): at answer positions each thought is,
                        with this probability, teacher-forced to the problem's worked step (the oracle thought) and
                        learnt by its NLL (forced_nll_weight); REINFORCE sees only the model's own samples
+    the start's policy kl_to_start beta > 0: each own thought's reward minus beta (log pi(c) - log pi_start(c)),
+                       summed over its tokens, pi_start a frozen copy of the policy the thinking phase started from
+                       (set_start_policy): the sampled log-ratio is an unbiased estimate of KL(pi || pi_start), so
+                       REINFORCE maximises reward - beta KL and keeps near the plain model's writer
     answers' NLL       base_learns_answers False: the bare answers' digits are out of the base NLL and the mixed
                        prediction's base state is detached there, so only a thought can lower their NLL (the trunk
                        still learns them through the post-thought pass)
@@ -46,6 +50,7 @@ class LeverConfig(QuietStarConfig):
     mixing_from_forced: bool = True    # False: no gradient from forced thoughts to the mixing head (its own only)
     oracle_padding: str = "front"      # the worked step's filler: front ("...23+19=42.") or end ("23+19=42....")
     base_learns_answers: bool = True   # False: the bare answers' digits train only the predictions after a thought
+    kl_to_start: float = 0.0           # beta: an own thought's reward minus beta log(pi / pi_start) of its tokens
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,7 +59,7 @@ class LeverConfig(QuietStarConfig):
             raise ValueError(f"--reward_from must be mixed or post, got {self.reward_from!r}{hint}")
         if self.baseline not in ("mean", "loo"):
             raise ValueError(f"--baseline must be mean or loo, got {self.baseline!r}")
-        for name in ("post_nll_weight", "forced_nll_weight"):
+        for name in ("post_nll_weight", "forced_nll_weight", "kl_to_start"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         if self.oracle_padding not in ("front", "end"):
@@ -211,6 +216,22 @@ class Levers(QuietStar):
         self.post_gets_gradient = config.post_nll_weight > 0
         self.forced_fraction = 0.0                       # train.py's warm-start schedule sets it every step
         self.head_ignores = None                         # (B*M, K) bool: streams whose w gets no gradient
+        self.set_start_policy(None)
+
+    def set_start_policy(self, policy: QuietStar | None):
+        """kl_to_start's frozen reference. Kept outside the module tree: neither saved, trained nor moved with it."""
+        object.__setattr__(self, "start_policy", policy)
+
+    @torch.no_grad()
+    def log_ratio_to_start(self, tokens: Tensor, thought_ids: Tensor, thought_logp: Tensor, at: Tensor | None
+                           ) -> Tensor:
+        """log pi(c) - log pi_start(c) of each stream's thought c (B*M, K): the start's policy run on the same
+        tokens and thoughts (teacher-forced), at the same temperature."""
+        if self.start_policy is None:
+            raise ValueError("--kl_to_start needs the policy the thinking phase starts from (train.py: --start_policy)")
+        _, cache = self.start_policy.base_pass(tokens)
+        _, start_logp = self.start_policy.think(tokens, cache, self.config.n_thoughts, thought_ids, at)
+        return thought_logp.detach() - start_logp
 
     def mixing_weight(self, h_base: Tensor, h_thought: Tensor, inside: Tensor) -> Tensor:
         """qstar's mixing weight (n, 1) for talk's streams `inside` (B*M, K); detached on the streams in
@@ -286,7 +307,11 @@ class Levers(QuietStar):
             self.head_ignores = None
         valid = s["valid"] & (True if real is None else real.repeat_interleave(M, dim=0))     # (B*M, K)
         sampled = valid & ~forced                                                   # REINFORCE: own samples only
-        reward = s["rewards"][cfg.reward_from]
+        reward, logs = s["rewards"][cfg.reward_from], {}
+        if cfg.kl_to_start > 0:
+            log_ratio = self.log_ratio_to_start(tokens, s["thought_ids"], s["thought_logp"], at)   # (B*M, K)
+            reward = reward - cfg.kl_to_start * log_ratio.where(sampled, 0.0)
+            logs["kl_to_start"] = masked_mean(log_ratio, sampled)
         advantage = lever_advantages(reward.view(B, M, K), cfg.baseline, cfg.group_std, cfg.clip_negative_advantage,
                                      sampled.view(B, M, K))
         reinforce = reinforce_loss(advantage, s["thought_logp"].view(B, M, K), sampled.view(B, M, K))
@@ -296,9 +321,9 @@ class Levers(QuietStar):
                 cfg.post_nll_weight * s["nll_post"] + cfg.forced_nll_weight * nll_forced + policy_term)
         s["valid"] = valid
         w = s["talk"]["mix_weight"][:, 0]
-        logs = {"answer_streams": masked_mean(at_answer.float(), sampled),   # REINFORCE's streams at answers
-                "forced_streams": masked_mean(forced.float(), valid), "nll_forced": nll_forced.detach(),
-                "mix_weight_answers": masked_mean(w, valid & at_answer).detach(),
-                "mix_weight_elsewhere": masked_mean(w, valid & ~at_answer).detach()}
+        logs |= {"answer_streams": masked_mean(at_answer.float(), sampled),   # REINFORCE's streams at answers
+                 "forced_streams": masked_mean(forced.float(), valid), "nll_forced": nll_forced.detach(),
+                 "mix_weight_answers": masked_mean(w, valid & at_answer).detach(),
+                 "mix_weight_elsewhere": masked_mean(w, valid & ~at_answer).detach()}
         return ({"loss": loss, "policy_term": policy_term} | self.summary(nll_base, s, reward, reinforce) | logs |
                 reward_sources(s["rewards"], valid.view(B, M, K)[:, 0], M))

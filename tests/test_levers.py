@@ -3,6 +3,7 @@ baselines, the two reward sources, the bounded mixing weight and the warm start'
 subset of positions must equal thinking at every position restricted to that subset: the streams never see each
 other, so the same thoughts give the same log-probs, rewards and gradients."""
 
+import copy
 import math
 
 import pytest
@@ -609,3 +610,78 @@ def test_without_base_learning_the_answers_needs_where_they_are():
     start[0, 5] = True
     with pytest.raises(ValueError, match="needs where the bare answers are"):
         qs(torch.randint(0, V, (B, T)), answer_start=start)
+
+
+def start_policy_pair(temperature=0.5, **overrides):
+    """A policy and a start policy that differs from it (other trunk weights, other markers), both fp64."""
+    qs = make_qstar(None, False, think_at="answers", thought_temperature=temperature, **overrides)
+    start = make_qstar(None, False, think_at="answers", thought_temperature=temperature, **overrides)
+    with torch.no_grad():
+        for p in start.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    qs.set_start_policy(start.requires_grad_(False))
+    return qs, start
+
+
+def test_the_log_ratio_to_the_start_policy_by_hand():
+    """log pi(c) - log pi_start(c) of a given thought, each the sum over its tokens of log softmax(logits / T)[c_j]
+    of the model run on x_0 .. x_i, <start>, c_1 .. c_{j-1} as ordinary causal text (fp64), T = 0.5."""
+    qs, start = start_policy_pair(kl_to_start=0.1)
+    tokens, at = torch.randint(0, V, (B, T)), AT[:, :2]
+    thought_ids = torch.randint(1, V - 1, (B * M, 2, L))
+    _, cache = qs.base_pass(tokens)
+    _, logp = qs.think(tokens, cache, M, thought_ids, at)
+    ratio = qs.log_ratio_to_start(tokens, thought_ids, logp, at)
+
+    def by_hand(policy, b, i, c):
+        marker, _ = policy.marker_embeddings()
+        embeds = torch.cat([policy.model.embed(tokens[b, :i + 1]), marker[None], policy.model.embed(c)])
+        h = policy.model.hidden(embeds[None], torch.arange(i + 2 + L))[0]
+        logits = policy.thought_token_logits(h[i + 1:i + 1 + L]) / 0.5
+        return logits.log_softmax(-1).gather(1, c[:, None]).sum()
+    for row in range(B * M):
+        for k in range(2):
+            b, i, c = row // M, int(at[row // M, k]), thought_ids[row, k]
+            expected = by_hand(qs, b, i, c) - by_hand(start, b, i, c)
+            assert ratio[row, k].item() == pytest.approx(expected.item(), abs=1e-10)
+
+
+def test_the_kl_term_lowers_each_own_thoughts_reward_by_beta_times_its_log_ratio(monkeypatch):
+    """REINFORCE sees reward - beta * log(pi / pi_start) on the model's own samples (every stream here); with the
+    start policy equal to the policy the log-ratio is 0 and the loss is the one without the term."""
+    tokens = torch.randint(0, V, (B, T))
+    start = torch.zeros(B, T, dtype=torch.bool)
+    start[0, 5], start[1, 8] = True, True
+    rewards, ratios = [], []
+    original = levers.lever_advantages
+    monkeypatch.setattr(levers, "lever_advantages", lambda reward, *a, **k: rewards.append(reward) or original(
+        reward, *a, **k))
+    outs = {}
+    for beta in (0.0, 0.25):
+        torch.manual_seed(11)
+        qs, _ = start_policy_pair(kl_to_start=beta)
+        log_ratio = qs.log_ratio_to_start
+        qs.log_ratio_to_start = lambda *a: ratios.append(log_ratio(*a)) or ratios[-1]
+        torch.manual_seed(5)
+        outs[beta] = qs(tokens, answer_start=start)
+    assert len(ratios) == 1 and ratios[0].abs().min() > 0
+    torch.testing.assert_close(rewards[0] - rewards[1], 0.25 * ratios[0].view(B, M, 1), rtol=0, atol=1e-12)
+    assert outs[0.25]["kl_to_start"].item() == pytest.approx(ratios[0].mean().item(), abs=1e-12)
+    torch.manual_seed(11)
+    same, _ = start_policy_pair(kl_to_start=0.25)
+    same.set_start_policy(copy.deepcopy(same).requires_grad_(False))
+    torch.manual_seed(5)
+    out_same = same(tokens, answer_start=start)
+    assert out_same["kl_to_start"].item() == 0
+    assert out_same["loss"].item() == pytest.approx(outs[0.0]["loss"].item(), abs=1e-12)
+
+
+def test_the_kl_term_needs_a_start_policy():
+    qs = make_qstar(None, False, think_at="answers", kl_to_start=0.1)
+    start = torch.zeros(B, T, dtype=torch.bool)
+    start[0, 5] = True
+    with pytest.raises(ValueError, match="needs the policy the thinking phase starts from"):
+        qs(torch.randint(0, V, (B, T)), answer_start=start)
+    with pytest.raises(ValueError, match="kl_to_start must be 0 or more"):
+        LeverConfig(kl_to_start=-1.0)
+    assert "start_policy" not in dict(qs.named_modules()) and not any("start_policy" in k for k in qs.state_dict())

@@ -4,6 +4,7 @@ Ctrl-C and LoRA. Bad input and the run folder's guarantees are in test_bad_input
 import errno
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -308,3 +309,21 @@ def test_a_levers_run_trains_at_the_answers_with_a_warm_start(tiny_dir, tmp_path
     assert [r["forced_streams"] for r in rows[1:]][::2] == [1.0, 0.0]     # forced 1, then 1/2, then 0
     assert rows[1]["answer_streams"] == 0.0 and rows[3]["answer_streams"] == 1.0   # REINFORCE: own samples only
     assert "eval_answer_post_diff" in rows[-1] and "eval_thought_accuracy" in rows[-1]
+
+
+def test_a_run_kept_near_its_start_policy(tiny_dir, tmp_path):
+    """--kl_to_start with --start_policy (the plain run the thinking run was copied from): the first thinking step's
+    policy is the start's, so the log-ratio is exactly 0, and it moves once the policy has learnt; without
+    --start_policy, one error line (exit 2)."""
+    plain, thinking = tmp_path / "plain", tmp_path / "thinking"
+    assert train.main(["--preset=answers", f"--model={tiny_dir}", f"--out_dir={plain}", "--max_steps=1",
+                       "--plain_steps=1", "--plain_batch_size=2", "--eval_interval=1", "--eval_answers=2",
+                       "--eval_windows=1", "--save_interval=1", "--thought_len=3", "--n_true=2", "--n_thoughts=3"]) == 0
+    shutil.copytree(plain, thinking)
+    resume = [f"--out_dir={thinking}", "--resume", "--max_steps=3", "--batch_size=2", "--forced_steps=0", "--forced_decay=0",
+              "--kl_to_start=0.1", "--eval_interval=3", "--save_interval=3", "--thought_temperature=0.5",
+              "--lr=0.01", "--lr_markers=0.01", "--warmup_steps=1"]
+    assert train.main(resume) == 2
+    assert train.main(resume + [f"--start_policy={plain}"]) == 0
+    rows = [r for r in read_metrics(thinking) if r.get("phase") == "think"]
+    assert rows[0]["kl_to_start"] == 0.0 and rows[1]["kl_to_start"] != 0.0
