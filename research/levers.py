@@ -1,6 +1,7 @@
 """Research levers beyond the paper, kept out of qstar.py so that the paper's path stays short to read.
 
-    where to think     think_at: all (the paper) | entropy:Q | random:Q | answers | answers+random:Q
+    where to think     think_at: all (the paper) | entropy:Q | random:Q | answers (before each bare answer's first
+                       digit) | digits (before every digit of a bare answer) | answers+random:Q
     the reward         reward_from: mixed (the paper) | post (the post-thought prediction alone, as RLP)
     the baseline       baseline: mean (the paper: the M rewards' mean, the thought itself included) | loo (the
                        mean of the other M - 1, RLP's leave-one-out); group_std divides by the M rewards' std;
@@ -34,12 +35,12 @@ from torch import Tensor
 
 from qstar import MixingHead, QuietStar, QuietStarConfig, at_streams, masked_mean, reinforce_loss
 
-RULES = ("all", "entropy", "random", "answers", "answers+random")
+RULES = ("all", "entropy", "random", "answers", "digits", "answers+random")
 
 
 @dataclass
 class LeverConfig(QuietStarConfig):
-    think_at: str = "all"              # all | entropy:Q | random:Q | answers | answers+random:Q (see the docstring)
+    think_at: str = "all"              # all | entropy:Q | random:Q | answers | digits | answers+random:Q (docstring)
     reward_from: str = "mixed"         # mixed (the paper) | post: the post-thought prediction alone (RLP)
     baseline: str = "mean"             # mean: of the M rewards (the paper) | loo: of the other M - 1 (RLP)
     group_std: bool = False            # divide each advantage by the std of its position's M rewards (GRPO, RLP)
@@ -74,17 +75,17 @@ class LeverConfig(QuietStarConfig):
 
     @property
     def think_fraction(self) -> float | None:
-        """think_at as a number: None for "all" and "answers", Q for the rules with ":Q"."""
+        """think_at as a number: None for "all", "answers" and "digits", Q for the rules with ":Q"."""
         rule, _, q = self.think_at.partition(":")
-        if rule in ("all", "answers") and not q:
+        if rule in ("all", "answers", "digits") and not q:
             return None
         try:
             if rule in ("entropy", "random", "answers+random") and 0 < float(q) <= 1:
                 return float(q)
         except ValueError:
             pass
-        raise ValueError(f"--think_at must be all, entropy:Q, random:Q, answers or answers+random:Q with 0 < Q <= 1 "
-                         f"(e.g. entropy:0.1), got {self.think_at!r}")
+        raise ValueError(f"--think_at must be all, entropy:Q, random:Q, answers, digits or answers+random:Q with "
+                         f"0 < Q <= 1 (e.g. entropy:0.1), got {self.think_at!r}")
 
     @property
     def uses_levers(self) -> bool:
@@ -205,7 +206,8 @@ class Levers(QuietStar):
     """QuietStar with the levers of LeverConfig. forward(tokens, loss_mask, think, answer_start, oracle,
     answer_digits): answer_start (B, T) marks bare answers' first digits (think_at answers, the warm start, the logs
     at answers); oracle (B, T, L): the worked-step thought of each position before an answer (forced with
-    forced_fraction); answer_digits (B, T): all their digits (base_learns_answers False)."""
+    forced_fraction); answer_digits (B, T): all their digits (base_learns_answers False; think_at digits, where they
+    take answer_start's place)."""
 
     def __init__(self, model, config: LeverConfig, tokenizer=None):
         super().__init__(model, config, tokenizer)
@@ -247,7 +249,7 @@ class Levers(QuietStar):
         rule, q = cfg.think_rule, cfg.think_fraction
         if rule == "all":
             return None, None
-        if rule.startswith("answers"):
+        if rule.startswith("answers") or rule == "digits":
             if answer_start is None:
                 raise ValueError("--think_at answers needs where the bare answers start (built-in arithmetic "
                                  "with --bare_fraction > 0)")
@@ -274,6 +276,8 @@ class Levers(QuietStar):
                 answer_digits: Tensor | None = None) -> dict[str, Tensor]:
         cfg, (B, T) = self.config, tokens.shape
         M, L = cfg.n_thoughts, cfg.thought_len
+        if cfg.think_rule == "digits":                 # every digit of a bare answer is a place to think
+            answer_start = answer_digits
         target_ok = (loss_mask if loss_mask is not None else torch.ones_like(tokens, dtype=torch.bool))[:, 1:]
         h_base, cache = self.base_pass(tokens)
         logp_base = self._token_logp(h_base[:, :-1], tokens[:, 1:])                  # (B, T-1)

@@ -129,7 +129,7 @@ def test_think_at_is_parsed_and_checked():
     assert LeverConfig(think_at="random:0.25").think_fraction == 0.25
     assert LeverConfig(think_at="answers+random:0.1").think_rule == "answers+random"
     for bad in ("entropy", "entropy:0", "entropy:1.5", "uniform:0.1", "random:2", "entropy:x", "answers:0.1"):
-        with pytest.raises(ValueError, match="--think_at must be all, entropy:Q, random:Q, answers or answers"):
+        with pytest.raises(ValueError, match="--think_at must be all, entropy:Q, random:Q, answers, digits or answers"):
             LeverConfig(think_at=bad)
     with pytest.raises(ValueError, match="--reward_from must be mixed or post"):
         LeverConfig(reward_from="mix")
@@ -685,3 +685,30 @@ def test_the_kl_term_needs_a_start_policy():
     with pytest.raises(ValueError, match="kl_to_start must be 0 or more"):
         LeverConfig(kl_to_start=-1.0)
     assert "start_policy" not in dict(qs.named_modules()) and not any("start_policy" in k for k in qs.state_dict())
+
+
+def test_the_digits_rule_thinks_before_every_digit_of_a_bare_answer():
+    """think_at digits: a stream at every position whose next token is an answer digit (window 0: digits at tokens
+    5, 6 -> positions 4, 5; window 1: 8, 9 -> 7, 8), and the warm start forces the oracle at each of them."""
+    qs = make_qstar(None, False, think_at="digits", n_thoughts=2)
+    tokens = torch.randint(0, V, (B, T))
+    digits = torch.zeros(B, T, dtype=torch.bool)
+    digits[0, 5:7], digits[1, 8:10] = True, True
+    first = digits & ~torch.nn.functional.pad(digits, (1, 0))[:, :-1]
+    oracle = torch.randint(1, V - 1, (B, T, L))
+    seen = {}
+    streams = qs.streams
+
+    def keep(tokens_, target_ok, h_base, cache, logp_base, at, thought_ids):
+        seen["at"], seen["ids"] = at, thought_ids
+        return streams(tokens_, target_ok, h_base, cache, logp_base, at, thought_ids)
+    qs.streams = keep
+    qs.forced_fraction = 1.0
+    out = qs(tokens, answer_start=first, answer_digits=digits, oracle=oracle)
+    assert seen["at"].tolist() == [[4, 5], [7, 8]] and out["forced_streams"].item() == 1.0
+    for b, positions in ((0, (4, 5)), (1, (7, 8))):
+        for k, i in enumerate(positions):
+            for m in range(2):
+                assert seen["ids"][b * 2 + m, k].tolist() == oracle[b, i].tolist()
+    with pytest.raises(ValueError, match="needs where the bare answers start"):
+        qs(tokens, answer_start=first)

@@ -298,10 +298,13 @@ def test_the_smoke_preset_runs_the_whole_loop(tiny_dir, tmp_path, capsys):
     assert "3 steps (1 plain, 2 thinking)" in capsys.readouterr().out
 
 
-def test_a_levers_run_trains_at_the_answers_with_a_warm_start(tiny_dir, tmp_path):
-    """--preset answers at reduced size: one-problem windows, streams only before answers, the forced worked step
-    for the first thinking step, then its fraction falling; the logs say where REINFORCE's streams were."""
+@pytest.mark.parametrize("think_at", ["answers", "digits"])
+def test_a_levers_run_trains_at_the_answers_with_a_warm_start(tiny_dir, tmp_path, think_at):
+    """--preset answers at reduced size: one-problem windows, streams only before answers (their first digits, or
+    every digit), the forced worked step for the first thinking step, then its fraction falling; the logs say where
+    REINFORCE's streams were."""
     assert train.main(["--preset=answers", f"--model={tiny_dir}", f"--out_dir={tmp_path}", "--max_steps=4",
+                       f"--think_at={think_at}",
                        "--plain_steps=1", "--plain_batch_size=2", "--batch_size=2", "--n_thoughts=3",
                        "--forced_steps=1", "--forced_decay=1", "--eval_interval=4", "--eval_answers=4",
                        "--eval_windows=1", "--save_interval=4", "--thought_len=3", "--n_true=2"]) == 0
