@@ -195,7 +195,8 @@ def main(argv=None) -> int:
     parser.add_argument("--metrics", default="{run}/metrics.jsonl", help="the run's training log, JSON lines or one "
                         "JSON list; absent: the columns taken from it are n/a (default: %(default)s)")
     parser.add_argument("--versus", default=None, help="another run's held-out JSON on the same answers (e.g. the "
-                        "same recipe without REINFORCE): the paired difference in thought accuracy")
+                        "same recipe without REINFORCE): the paired difference in thought accuracy; a run without "
+                        "one: n/a")
     parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     parser.add_argument("--svg", type=Path, default=None, help="draw thought accuracy over steps here (SVG)")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables as Markdown here")
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
         found = pattern and path(pattern, run)
         return None if not found or missing_ok and not found.exists() else json.loads(found.read_text())
     def versus(run: Path) -> dict | None:                               # never a run against itself
-        return None if args.versus and path(args.versus, run) == path(args.heldout, run) else read(args.versus, run)
+        return None if args.versus and path(args.versus, run) == path(args.heldout, run) else read(args.versus, run, missing_ok=True)
     table = [seed_row(run, read(args.start, run, missing_ok=True), read(args.heldout, run), versus(run),
                       read_metrics(path(args.metrics, run))) for run in args.runs]
     print(f"{'run':28} {'n':>4} {'sampled-none':>26} {'sampled-filler':>26} {'sampled-shuffled':>26} "

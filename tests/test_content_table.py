@@ -53,6 +53,9 @@ def test_a_seed_wins_only_when_every_interval_says_so(tmp_path):
     assert main([str(tmp_path / "a"), "--start", str(tmp_path / "start.json"), "--heldout", str(tmp_path / "new.json"),
                  "--versus", str(tmp_path / "versus.json"), "--out", str(tmp_path / "t.json")]) == 0
     assert json.loads((tmp_path / "t.json").read_text())["seeds"][0]["thought_accuracy_minus_versus"][0] == 0.25
+    assert main([str(tmp_path / "a"), "--start", str(tmp_path / "start.json"), "--heldout", str(tmp_path / "new.json"),
+                 "--versus", str(tmp_path / "absent.json"), "--out", str(tmp_path / "t.json")]) == 0   # none: n/a
+    assert json.loads((tmp_path / "t.json").read_text())["seeds"][0]["thought_accuracy_minus_versus"] is None
 
 
 def test_the_accuracy_figure_is_a_standalone_svg_with_a_line_per_run_and_control(tmp_path):
