@@ -276,8 +276,7 @@ def step_inputs(run: Run, batch: dict, thinking: bool) -> dict:
     if thinking and isinstance(run.qs, Levers):
         focus = batch["focus"]                                                     # (B, T): answer digits
         inputs["answer_start"] = to(focus & ~np.pad(focus, ((0, 0), (1, 0)))[:, :-1])   # their first digits
-        if not run.qs.config.base_learns_answers or run.qs.config.think_rule == "digits":
-            inputs["answer_digits"] = to(focus)
+        inputs["answer_digits"] = to(focus)
         if run.qs.forced_fraction > 0:
             inputs["oracle"] = oracle_thoughts(run.tokenizer, torch.from_numpy(batch["tokens"]),
                                                torch.from_numpy(focus[:, 1:]), run.qs.config.thought_len,

@@ -207,7 +207,8 @@ def main(argv=None) -> int:
         found = pattern and path(pattern, run)
         return None if not found or missing_ok and not found.exists() else json.loads(found.read_text())
     def versus(run: Path) -> dict | None:                               # never a run against itself
-        return None if args.versus and path(args.versus, run) == path(args.heldout, run) else read(args.versus, run, missing_ok=True)
+        itself = args.versus and path(args.versus, run) == path(args.heldout, run)
+        return None if itself else read(args.versus, run, missing_ok=True)
     table = [seed_row(run, read(args.start, run, missing_ok=True), read(args.heldout, run), versus(run),
                       read_metrics(path(args.metrics, run))) for run in args.runs]
     print(f"{'run':28} {'n':>4} {'sampled-none':>26} {'sampled-filler':>26} {'sampled-shuffled':>26} "

@@ -325,7 +325,8 @@ def test_a_run_kept_near_its_start_policy(tiny_dir, tmp_path):
                        "--n_thoughts=3"]) == 0
     shutil.copytree(plain, thinking)
     resume = [f"--out_dir={thinking}", "--resume", "--max_steps=3", "--batch_size=2", "--forced_steps=0",
-              "--forced_decay=0", "--kl_to_start=0.1", "--eval_interval=3", "--save_interval=3", "--thought_temperature=0.5",
+              "--forced_decay=0", "--kl_to_start=0.1", "--eval_interval=3", "--save_interval=3",
+              "--thought_temperature=0.5",
               "--lr=0.01", "--lr_markers=0.01", "--warmup_steps=1"]
     assert train.main(resume) == 2
     assert train.main(resume + [f"--start_policy={plain}"]) == 0
