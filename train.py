@@ -130,16 +130,17 @@ PRESETS = {
                     reward_from="post", post_nll_weight=0.5, bounded_mixing=True, eval_interval=25,
                     eval_windows=4, eval_answers=64, save_interval=25),
     # Thoughts where the answers are (research/levers.py; docs/results.md): after the plain phase, windows of one
-    # bare problem each, streams only before each answer's first digit, 8 thoughts there with a leave-one-out
-    # baseline, negative advantages kept; a warm start forces the worked step for 10 steps, then fades over 10;
-    # the post-thought prediction is the reward and learns by its own NLL; w >= 0.05, learnt from the model's
-    # own thoughts only.
+    # bare problem each, a thought before every digit of the answer, 8 thoughts there sampled at temperature 0.5
+    # with a leave-one-out baseline, negative advantages kept; the answers' digits are learnt only after a thought;
+    # a warm start forces the worked step ("23+19=42....") for 10 steps, then fades over 10; the post-thought
+    # prediction is the reward and learns by its own NLL; w >= 0.05, learnt from the model's own thoughts only.
     "answers": dict(bare_fraction=0.5, plain_steps=60, plain_batch_size=8, max_steps=90, batch_size=8, lr=1e-4,
-                    lr_markers=1e-4, think_windows="problem", think_bare_fraction=1.0, think_at="answers",
+                    lr_markers=1e-4, think_windows="problem", think_bare_fraction=1.0, think_at="digits",
+                    base_learns_answers=False, thought_temperature=0.5, oracle_padding="end",
                     n_thoughts=8, thought_len=10, n_true=4, forced_steps=10, forced_decay=10, baseline="loo",
                     group_std=True, clip_negative_advantage=False, reward_from="post", post_nll_weight=0.5,
-                    bounded_mixing=True, mixing_floor=0.05, mixing_from_forced=False, eval_interval=15, eval_windows=2, eval_answers=32,
-                    save_interval=15, fast=True),
+                    bounded_mixing=True, mixing_floor=0.05, mixing_from_forced=False, eval_interval=15,
+                    eval_windows=2, eval_answers=32, save_interval=15, fast=True),
     # The authors' run (docs/official_code.md): Mistral-7B-v0.1, OpenWebMath, 256-token windows, 8 documents per
     # step, n_ahead 12 (9 thought tokens), n_ahead_talk 4, n_passes 2, lr 1e-6, 20 warm-up steps, ~100 steps.
     "paper": dict(model="mistralai/Mistral-7B-v0.1", data="open-web-math/open-web-math", max_steps=100,
