@@ -1,7 +1,7 @@
 """Research levers beyond the paper, kept out of qstar.py so that the paper's path stays short to read.
 
     where to think     think_at: all (the paper) | entropy:Q | random:Q | answers (before each bare answer's first
-                       digit) | digits (before every digit of a bare answer) | answers+random:Q
+                       digit) | digits (before every digit of a bare answer) | answers+random:Q | digits+random:Q
     the reward         reward_from: mixed (the paper) | post (the post-thought prediction alone, as RLP)
     the baseline       baseline: mean (the paper: the M rewards' mean, the thought itself included) | loo (the
                        mean of the other M - 1, RLP's leave-one-out); group_std divides by the M rewards' std;
@@ -35,12 +35,12 @@ from torch import Tensor
 
 from qstar import MixingHead, QuietStar, QuietStarConfig, at_streams, masked_mean, reinforce_loss
 
-RULES = ("all", "entropy", "random", "answers", "digits", "answers+random")
+RULES = ("all", "entropy", "random", "answers", "digits", "answers+random", "digits+random")
 
 
 @dataclass
 class LeverConfig(QuietStarConfig):
-    think_at: str = "all"              # all | entropy:Q | random:Q | answers | digits | answers+random:Q (docstring)
+    think_at: str = "all"              # all | entropy:Q | random:Q | answers | digits | answers+random:Q | ...
     reward_from: str = "mixed"         # mixed (the paper) | post: the post-thought prediction alone (RLP)
     baseline: str = "mean"             # mean: of the M rewards (the paper) | loo: of the other M - 1 (RLP)
     group_std: bool = False            # divide each advantage by the std of its position's M rewards (GRPO, RLP)
@@ -80,12 +80,12 @@ class LeverConfig(QuietStarConfig):
         if rule in ("all", "answers", "digits") and not q:
             return None
         try:
-            if rule in ("entropy", "random", "answers+random") and 0 < float(q) <= 1:
+            if rule in ("entropy", "random", "answers+random", "digits+random") and 0 < float(q) <= 1:
                 return float(q)
         except ValueError:
             pass
-        raise ValueError(f"--think_at must be all, entropy:Q, random:Q, answers, digits or answers+random:Q with "
-                         f"0 < Q <= 1 (e.g. entropy:0.1), got {self.think_at!r}")
+        raise ValueError(f"--think_at must be all, entropy:Q, random:Q, answers, digits, answers+random:Q or "
+                         f"digits+random:Q with 0 < Q <= 1 (e.g. entropy:0.1), got {self.think_at!r}")
 
     @property
     def uses_levers(self) -> bool:
@@ -249,7 +249,7 @@ class Levers(QuietStar):
         rule, q = cfg.think_rule, cfg.think_fraction
         if rule == "all":
             return None, None
-        if rule.startswith("answers") or rule == "digits":
+        if rule.startswith(("answers", "digits")):
             if answer_start is None:
                 raise ValueError("--think_at answers needs where the bare answers start (built-in arithmetic "
                                  "with --bare_fraction > 0)")
@@ -276,7 +276,7 @@ class Levers(QuietStar):
                 answer_digits: Tensor | None = None) -> dict[str, Tensor]:
         cfg, (B, T) = self.config, tokens.shape
         M, L = cfg.n_thoughts, cfg.thought_len
-        if cfg.think_rule == "digits":                 # every digit of a bare answer is a place to think
+        if cfg.think_rule.startswith("digits"):        # every digit of a bare answer is a place to think
             answer_start = answer_digits
         target_ok = (loss_mask if loss_mask is not None else torch.ones_like(tokens, dtype=torch.bool))[:, 1:]
         h_base, cache = self.base_pass(tokens)

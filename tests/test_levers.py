@@ -128,8 +128,10 @@ def test_think_at_is_parsed_and_checked():
     assert LeverConfig(think_at="entropy:0.1").think_fraction == 0.1
     assert LeverConfig(think_at="random:0.25").think_fraction == 0.25
     assert LeverConfig(think_at="answers+random:0.1").think_rule == "answers+random"
-    for bad in ("entropy", "entropy:0", "entropy:1.5", "uniform:0.1", "random:2", "entropy:x", "answers:0.1"):
-        with pytest.raises(ValueError, match="--think_at must be all, entropy:Q, random:Q, answers, digits or answers"):
+    assert LeverConfig(think_at="digits+random:0.03").think_fraction == 0.03
+    for bad in ("entropy", "entropy:0", "entropy:1.5", "uniform:0.1", "random:2", "entropy:x", "answers:0.1",
+                "digits:0.1", "digits+random"):
+        with pytest.raises(ValueError, match="--think_at must be all, entropy:Q, random:Q, answers, digits, answers"):
             LeverConfig(think_at=bad)
     with pytest.raises(ValueError, match="--reward_from must be mixed or post"):
         LeverConfig(reward_from="mix")
@@ -712,3 +714,28 @@ def test_the_digits_rule_thinks_before_every_digit_of_a_bare_answer():
                 assert seen["ids"][b * 2 + m, k].tolist() == oracle[b, i].tolist()
     with pytest.raises(ValueError, match="needs where the bare answers start"):
         qs(tokens, answer_start=first)
+
+
+def test_digits_and_random_positions_think_at_every_digit_and_q_of_the_rest():
+    """think_at digits+random:Q: the digits rule's positions plus ceil(Q * (T-1)) random ones with a target. With
+    Q = 1 that is every position 0 .. T-2 in every window, and the warm start forces the oracle at the digits' only."""
+    qs = make_qstar(None, False, think_at="digits+random:1.0", n_thoughts=2)
+    tokens = torch.randint(0, V, (B, T))
+    digits = torch.zeros(B, T, dtype=torch.bool)
+    digits[0, 5:7], digits[1, 8:10] = True, True
+    first = digits & ~torch.nn.functional.pad(digits, (1, 0))[:, :-1]
+    oracle = torch.randint(1, V - 1, (B, T, L))
+    seen = {}
+    streams = qs.streams
+
+    def keep(tokens_, target_ok, h_base, cache, logp_base, at, thought_ids):
+        seen["at"], seen["ids"] = at, thought_ids
+        return streams(tokens_, target_ok, h_base, cache, logp_base, at, thought_ids)
+    qs.streams = keep
+    qs.forced_fraction = 1.0
+    qs(tokens, answer_start=first, answer_digits=digits, oracle=oracle)
+    assert seen["at"].tolist() == [list(range(T - 1))] * B
+    for b, positions in ((0, (4, 5)), (1, (7, 8))):
+        for i in range(T - 1):
+            forced = all(seen["ids"][b * 2 + m, i].tolist() == oracle[b, i].tolist() for m in range(2))
+            assert forced == (i in positions), (b, i)
