@@ -189,8 +189,8 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run folders, each with metrics.jsonl and heldout.json")
     parser.add_argument("--start", default="{run}-step50/heldout.json",
                         help="the held-out JSON before thinking began (a run without one has no accuracy change); "
-                             "{run} is the run folder, {name} its name and {prefix} its name up to the last '-' "
-                             "(default: %(default)s)")
+                             "{run} is the run folder, {name} its name, {prefix} its name up to the last '-' and "
+                             "{seed} up to the first (default: %(default)s)")
     parser.add_argument("--heldout", default="{run}/heldout.json", help="the run's held-out JSON (default: %(default)s)")
     parser.add_argument("--metrics", default="{run}/metrics.jsonl", help="the run's training log, JSON lines or one "
                         "JSON list; absent: the columns taken from it are n/a (default: %(default)s)")
@@ -202,7 +202,8 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables as Markdown here")
     args = parser.parse_args(argv)
     def path(pattern: str, run: Path) -> Path:
-        return Path(pattern.format(run=run, name=run.name, prefix=run.name.rpartition("-")[0]))
+        return Path(pattern.format(run=run, name=run.name, prefix=run.name.rpartition("-")[0],
+                                   seed=run.name.partition("-")[0]))
     def read(pattern: str | None, run: Path, missing_ok: bool = False) -> dict | None:
         found = pattern and path(pattern, run)
         return None if not found or missing_ok and not found.exists() else json.loads(found.read_text())

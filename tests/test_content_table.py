@@ -147,6 +147,12 @@ def test_a_table_is_rebuilt_from_a_committed_metrics_list_without_the_run_folder
                  str(committed / "{name}-metrics.json"), "--out", str(tmp_path / "list.json")]) == 0
     by_lines, by_list = (json.loads((tmp_path / f).read_text())["seeds"][0] for f in ("lines.json", "list.json"))
     assert by_list["accuracy_over_steps"] == [[5, 0.5]] and by_list["last_mix_weight_answers"] == 0.25
+    # {seed}: the name up to its first '-', so that a variant (s7-rl-warm) finds its seed's start
+    (committed / "s7-start.json").write_text(json.dumps({"answer_thoughts": {"sampled_hits": [0, 0, 0, 0]}}))
+    (committed / "s7-rl-warm.json").write_text((run / "heldout.json").read_text())
+    assert main([str(gone) + "-warm", "--heldout", str(committed / "{name}.json"), "--start",
+                 str(committed / "{seed}-start.json"), "--out", str(tmp_path / "seed.json")]) == 0
+    assert json.loads((tmp_path / "seed.json").read_text())["seeds"][0]["thought_accuracy_start"] == 0.0
     assert {k: v for k, v in by_list.items() if k != "run"} == {k: v for k, v in by_lines.items() if k != "run"}
     # a run whose training log is lost too: the held-out columns stay, the log's are n/a
     assert main([str(gone), "--heldout", str(committed / "{name}.json"), "--metrics", str(tmp_path / "absent.json"),
