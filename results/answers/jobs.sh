@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The answers experiment's jobs, one CPU thread each (two run side by side), from the repository root:
-#   plain S | start S | variant S NAME [extra train.py options]  (NAME warm adds --policy_weight 0)
+#   plain S | start S | variant S NAME [extra train.py options]  (a NAME ending in warm adds --policy_weight 0)
 set -x
 cd "$(dirname "$0")/../.."; . .venv/bin/activate; export OMP_NUM_THREADS=1
 R=results/answers; D=runs/v2; kind=$1; S=$2; v=$3; shift 3 2>/dev/null; extra="$*"
@@ -13,7 +13,7 @@ start)
   [ -f $R/s$S-start.json ] || python -m research.content --model $D/s$S-plain --limit 400 --reward_windows 8 \
     --out $R/s$S-start.json > $D/s$S-start.log 2>&1 ;;
 variant)
-  [ $v = warm ] && extra="$extra --policy_weight 0"
+  [[ $v == *warm ]] && extra="$extra --policy_weight 0"   # warm, nbdp05-warm, ...: the warm start alone
   while [ ! -f $D/s$S-plain/latest ] || pgrep -f "out_dir $D/s$S-plain" > /dev/null; do sleep 20; done
   [ -d $D/s$S-$v ] || cp -r $D/s$S-plain $D/s$S-$v
   python train.py --out_dir $D/s$S-$v --resume --max_steps 90 --n_thoughts 8 --forced_steps 10 --forced_decay 10 \
