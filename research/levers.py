@@ -35,7 +35,8 @@ from torch import Tensor
 
 from qstar import MixingHead, QuietStar, QuietStarConfig, at_streams, masked_mean, reinforce_loss
 
-RULES = ("all", "entropy", "random", "answers", "digits", "answers+random", "digits+random")
+RULES = ("all", "answers", "digits")                                      # think_at without a fraction
+RULES_WITH_Q = ("entropy", "random", "answers+random", "digits+random")  # think_at RULE:Q
 
 
 @dataclass
@@ -77,10 +78,10 @@ class LeverConfig(QuietStarConfig):
     def think_fraction(self) -> float | None:
         """think_at as a number: None for "all", "answers" and "digits", Q for the rules with ":Q"."""
         rule, _, q = self.think_at.partition(":")
-        if rule in ("all", "answers", "digits") and not q:
+        if rule in RULES and not q:
             return None
         try:
-            if rule in ("entropy", "random", "answers+random", "digits+random") and 0 < float(q) <= 1:
+            if rule in RULES_WITH_Q and 0 < float(q) <= 1:
                 return float(q)
         except ValueError:
             pass

@@ -689,15 +689,14 @@ def test_the_kl_term_needs_a_start_policy():
     assert "start_policy" not in dict(qs.named_modules()) and not any("start_policy" in k for k in qs.state_dict())
 
 
-def test_the_digits_rule_thinks_before_every_digit_of_a_bare_answer():
-    """think_at digits: a stream at every position whose next token is an answer digit (window 0: digits at tokens
-    5, 6 -> positions 4, 5; window 1: 8, 9 -> 7, 8), and the warm start forces the oracle at each of them."""
-    qs = make_qstar(None, False, think_at="digits", n_thoughts=2)
-    tokens = torch.randint(0, V, (B, T))
+def think_at_digits(think_at: str):
+    """A fully warm-started forward on two windows with answer digits at tokens 5, 6 (window 0) and 8, 9 (window 1).
+    -> (qs, inputs, out, seen): seen["at"] (B, K) the streams' positions, seen["ids"] (B*M, K, L) their thoughts."""
+    qs = make_qstar(None, False, think_at=think_at, n_thoughts=2)
     digits = torch.zeros(B, T, dtype=torch.bool)
     digits[0, 5:7], digits[1, 8:10] = True, True
-    first = digits & ~torch.nn.functional.pad(digits, (1, 0))[:, :-1]
-    oracle = torch.randint(1, V - 1, (B, T, L))
+    inputs = dict(tokens=torch.randint(0, V, (B, T)), answer_digits=digits, oracle=torch.randint(1, V - 1, (B, T, L)),
+                  answer_start=digits & ~torch.nn.functional.pad(digits, (1, 0))[:, :-1])
     seen = {}
     streams = qs.streams
 
@@ -706,36 +705,28 @@ def test_the_digits_rule_thinks_before_every_digit_of_a_bare_answer():
         return streams(tokens_, target_ok, h_base, cache, logp_base, at, thought_ids)
     qs.streams = keep
     qs.forced_fraction = 1.0
-    out = qs(tokens, answer_start=first, answer_digits=digits, oracle=oracle)
+    return qs, inputs, qs(**inputs), seen
+
+
+def test_the_digits_rule_thinks_before_every_digit_of_a_bare_answer():
+    """think_at digits: a stream at every position whose next token is an answer digit (window 0: digits at tokens
+    5, 6 -> positions 4, 5; window 1: 8, 9 -> 7, 8), and the warm start forces the oracle at each of them."""
+    qs, inputs, out, seen = think_at_digits("digits")
     assert seen["at"].tolist() == [[4, 5], [7, 8]] and out["forced_streams"].item() == 1.0
     for b, positions in ((0, (4, 5)), (1, (7, 8))):
         for k, i in enumerate(positions):
             for m in range(2):
-                assert seen["ids"][b * 2 + m, k].tolist() == oracle[b, i].tolist()
+                assert seen["ids"][b * 2 + m, k].tolist() == inputs["oracle"][b, i].tolist()
     with pytest.raises(ValueError, match="needs where the bare answers start"):
-        qs(tokens, answer_start=first)
+        qs(inputs["tokens"], answer_start=inputs["answer_start"])
 
 
 def test_digits_and_random_positions_think_at_every_digit_and_q_of_the_rest():
     """think_at digits+random:Q: the digits rule's positions plus ceil(Q * (T-1)) random ones with a target. With
     Q = 1 that is every position 0 .. T-2 in every window, and the warm start forces the oracle at the digits' only."""
-    qs = make_qstar(None, False, think_at="digits+random:1.0", n_thoughts=2)
-    tokens = torch.randint(0, V, (B, T))
-    digits = torch.zeros(B, T, dtype=torch.bool)
-    digits[0, 5:7], digits[1, 8:10] = True, True
-    first = digits & ~torch.nn.functional.pad(digits, (1, 0))[:, :-1]
-    oracle = torch.randint(1, V - 1, (B, T, L))
-    seen = {}
-    streams = qs.streams
-
-    def keep(tokens_, target_ok, h_base, cache, logp_base, at, thought_ids):
-        seen["at"], seen["ids"] = at, thought_ids
-        return streams(tokens_, target_ok, h_base, cache, logp_base, at, thought_ids)
-    qs.streams = keep
-    qs.forced_fraction = 1.0
-    qs(tokens, answer_start=first, answer_digits=digits, oracle=oracle)
+    _, inputs, _, seen = think_at_digits("digits+random:1.0")
     assert seen["at"].tolist() == [list(range(T - 1))] * B
     for b, positions in ((0, (4, 5)), (1, (7, 8))):
         for i in range(T - 1):
-            forced = all(seen["ids"][b * 2 + m, i].tolist() == oracle[b, i].tolist() for m in range(2))
+            forced = all(seen["ids"][b * 2 + m, i].tolist() == inputs["oracle"][b, i].tolist() for m in range(2))
             assert forced == (i in positions), (b, i)
